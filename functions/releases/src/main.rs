@@ -1,0 +1,9 @@
+//! AWS Lambda: the releases API behind API Gateway (HTTP API).
+
+use kitebridge::config::Role;
+
+#[tokio::main]
+async fn main() -> Result<(), lambda_http::Error> {
+    let state = kitebridge::bootstrap::lambda(Role::Releases).await?;
+    lambda_http::run(kitebridge::http::router(state)).await
+}

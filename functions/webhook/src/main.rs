@@ -1,0 +1,9 @@
+//! AWS Lambda: the Buildkite webhook receiver behind API Gateway (HTTP API).
+
+use kitebridge::config::Role;
+
+#[tokio::main]
+async fn main() -> Result<(), lambda_http::Error> {
+    let state = kitebridge::bootstrap::lambda(Role::Webhook).await?;
+    lambda_http::run(kitebridge::http::router(state)).await
+}

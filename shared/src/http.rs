@@ -1,0 +1,56 @@
+//! One axum [`Router`] for every HTTP route: `kitebridge serve` runs it under tokio, and the
+//! Lambda functions run it under `lambda_http`. No route is written twice.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+
+use crate::config::Config;
+use crate::store::Store;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub store: Store,
+}
+
+/// The router with every route kitebridge serves.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+/// A JSON error answer: `{"error": <kind>, "message": <text>}`.
+pub fn error_response(status: StatusCode, error: &str, message: impl Into<String>) -> Response {
+    (
+        status,
+        Json(json!({"error": error, "message": message.into()})),
+    )
+        .into_response()
+}
+
+async fn healthz(State(state): State<AppState>) -> Response {
+    match state.store.ping().await {
+        Ok(()) => (StatusCode::OK, Json(json!({"status": "ok", "store": "ok"}))).into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "health check: store unreachable");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"status": "unavailable", "store": "unreachable"})),
+            )
+                .into_response()
+        }
+    }
+}
+
+async fn not_found() -> Response {
+    error_response(StatusCode::NOT_FOUND, "not_found", "no such route")
+}

@@ -1,0 +1,22 @@
+//! kitebridge: Buildkite builds become Bitbucket commit statuses, and releases are cut, built and
+//! deployed through Buildkite pipelines.
+//!
+//! Everything lives in this crate; the Lambda functions (`functions/*`) and the `kitebridge`
+//! command only wire it up. Modules are named by the domain word a reader would look for:
+//!
+//! - [`config`]: the typed configuration, read once from the environment.
+//! - [`store`]: what kitebridge remembers (poll cursors, reported statuses, releases, trigger
+//!   firings), on DynamoDB or on an embedded SQLite file, behind narrow traits.
+//! - [`secrets`]: reading secrets from AWS Secrets Manager at cold start.
+//! - [`telemetry`]: structured logging.
+
+pub mod bootstrap;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod release;
+pub mod secrets;
+pub mod store;
+pub mod telemetry;
+
+pub use error::Error;

@@ -1,0 +1,3 @@
+//! Releases: projects, releases and their candidates, deployments to environments.
+
+pub mod model;

@@ -1,0 +1,181 @@
+//! The release domain's records, as stored and as the API shows them.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// A Buildkite pipeline, by organization and slug.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PipelineRef {
+    pub organization: String,
+    pub pipeline: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum VersionScheme {
+    #[default]
+    Semver,
+    Calver,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Environment {
+    pub name: String,
+    /// None: deployment status comes by API (`PATCH`).
+    #[serde(default)]
+    pub deploy_pipeline: Option<PipelineRef>,
+    /// Promotion order: a candidate must have been deployed successfully here first.
+    #[serde(default)]
+    pub requires: Option<String>,
+    /// Extra variables for the deploy pipeline's builds.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Project {
+    pub name: String,
+    /// None: "not configured", a cut counts as built at once.
+    #[serde(default)]
+    pub build_pipeline: Option<PipelineRef>,
+    #[serde(default)]
+    pub environments: Vec<Environment>,
+    #[serde(default)]
+    pub version_scheme: VersionScheme,
+    /// Extra variables for the build pipeline's builds.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A version pinned to a commit. Immutable once cut; its candidates carry what changes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Release {
+    pub project: String,
+    pub version: String,
+    /// `AVIATOR_RELEASE_CUT_ID`: a ULID, so cut ids sort by time.
+    pub cut_id: String,
+    pub commit: String,
+    pub branch: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CandidateState {
+    Pending,
+    Building,
+    Built,
+    Failed,
+    Canceled,
+}
+
+/// A Buildkite build kitebridge created.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildRef {
+    pub organization: String,
+    pub pipeline: String,
+    pub id: String,
+    pub number: u64,
+    #[serde(default)]
+    pub web_url: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Candidate {
+    pub project: String,
+    pub release_version: String,
+    /// 1 for `<version>-rc1`, ...
+    pub number: u32,
+    /// `AVIATOR_RELEASE_CANDIDATE_VERSION`, e.g. `1.4.0-rc2`.
+    pub version: String,
+    pub cut_id: String,
+    pub commit: String,
+    pub branch: String,
+    pub state: CandidateState,
+    #[serde(default)]
+    pub build: Option<BuildRef>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeploymentStatus {
+    Pending,
+    InProgress,
+    Success,
+    Failure,
+    Canceled,
+    Error,
+}
+
+impl DeploymentStatus {
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            Self::Success | Self::Failure | Self::Canceled | Self::Error
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deployment {
+    /// `AVIATOR_DEPLOYMENT_ID`: a ULID, so deployments sort by time.
+    pub id: String,
+    pub project: String,
+    pub environment: String,
+    pub release_version: String,
+    pub candidate_version: String,
+    pub commit: String,
+    pub status: DeploymentStatus,
+    #[serde(default)]
+    pub build: Option<BuildRef>,
+    /// The candidate that was live before (what a rollback returns to).
+    #[serde(default)]
+    pub from_candidate_version: Option<String>,
+    #[serde(default)]
+    pub rollback: bool,
+    #[serde(default)]
+    pub forced: bool,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    #[serde(default)]
+    pub finished_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub error_message: Option<String>,
+}
+
+/// Per-environment state that deployments coordinate on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnvironmentState {
+    pub project: String,
+    pub environment: String,
+    #[serde(default)]
+    pub frozen: bool,
+    /// The one deployment not yet finished, if any.
+    #[serde(default)]
+    pub active_deployment: Option<String>,
+    /// Candidate versions deployed successfully here, oldest first (for rollback and promotion).
+    #[serde(default)]
+    pub successes: Vec<String>,
+}
+
+/// What a Buildkite build created by kitebridge belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum BuildLink {
+    Candidate {
+        project: String,
+        release_version: String,
+        number: u32,
+    },
+    Deployment {
+        project: String,
+        environment: String,
+        id: String,
+    },
+}

@@ -1,0 +1,69 @@
+//! What kitebridge remembers, behind narrow traits named by what callers need:
+//!
+//! | trait | used by | what |
+//! |---|---|---|
+//! | [`CursorStore`] | poller | the poll cursor per organization; compare-and-set, never backwards |
+//! | [`StatusLedger`] | poller, webhook | the last status reported per (commit, key), and the statuses still to deliver (the outbox) |
+//! | [`FiringStore`] | webhook, poller | one record per (rule, source build), so a rule fires once |
+//! | [`IdempotencyStore`] | releases API | first answer per `Idempotency-Key` |
+//! | [`ReleaseStore`] | releases API, webhook, poller | release projects, releases, candidates, deployments, environment state, build links |
+//!
+//! All of them are implemented once, in [`Store`], on top of a tiny key-value interface
+//! ([`Kv`]) that each backend provides: single-item reads, prefix queries in key order, and
+//! all-or-nothing batches of conditional writes. Keeping the backends that small is what makes
+//! them behave the same: the decisions live above them, and one contract suite
+//! (`tests/store_contract.rs`) runs every trait against both.
+//!
+//! # Key design (one table, `PK`/`SK` strings)
+//!
+//! | item | PK | SK | TTL |
+//! |---|---|---|---|
+//! | poll cursor | `CURSOR` | `{org}` | none |
+//! | reported/desired status | `STATUS#{commit}` | `{key}` | 90 days after last change |
+//! | outbox entry (status to deliver) | `OUTBOX` | `{commit}#{key}` | none |
+//! | trigger firing | `FIRING#{rule}` | `{source build id}` | 90 days |
+//! | idempotency record | `IDEMPOTENCY#{scope}` | `{key}` | 24 hours |
+//! | release project | `PROJECT#{project}` | `PROJECT` | none |
+//! | release | `PROJECT#{project}` | `RELEASE#{version}` | none |
+//! | release listing index | `PROJECT#{project}` | `RELEASES#{cut id (ULID: time-ordered)}` | none |
+//! | candidate | `PROJECT#{project}` | `CANDIDATE#{version}#{rc number, 6 digits}` | none |
+//! | environment state | `PROJECT#{project}` | `ENV#{environment}` | none |
+//! | deployment | `PROJECT#{project}` | `DEPLOYMENT#{environment}#{deployment id (ULID)}` | none |
+//! | build link | `BUILD#{buildkite build id}` | `LINK` | 180 days |
+//!
+//! Every item carries `rev` (a number, bumped on each write) and `doc` (the record as JSON);
+//! compare-and-set is a conditional write on `rev` (or on the item's absence). Items that expire
+//! carry `expires_at` (epoch seconds; the table's TTL attribute); reads ignore expired items, because
+//! DynamoDB deletes them lazily.
+
+mod dynamo;
+mod kv;
+mod records;
+mod sqlite;
+
+pub use dynamo::DynamoKv;
+pub use kv::{Cond, Item, Kv, MAX_BATCH, Order, Write};
+pub use records::*;
+pub use sqlite::SqliteKv;
+
+/// A store failure, as callers must treat it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The store could not be reached or refused the request for now: retry later, and do not
+    /// move any cursor past the work that needed it.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// A compare-and-set lost: someone else wrote first.
+    #[error("conflict: the record changed since it was read")]
+    Conflict,
+    /// A record could not be decoded (written by an incompatible version?).
+    #[error("corrupt record {pk}/{sk}: {message}")]
+    Corrupt {
+        pk: String,
+        sk: String,
+        message: String,
+    },
+    /// The store's configuration is wrong (missing table, unwritable file).
+    #[error("store misconfigured: {0}")]
+    Config(String),
+}
