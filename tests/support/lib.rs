@@ -1,1 +1,121 @@
-//! Test support
+//! Shared set-up for kitebridge's integration tests: real local peers, started here.
+//!
+//! - [`dynamodb`]: moto's server (the DynamoDB emulator, from PyPI) on a free loopback port,
+//!   one per test binary, stopped when the test binary exits; a fresh table per test.
+//!
+//! A peer that cannot be started fails the test with a message saying how to install it; no test
+//! skips silently.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use aws_sdk_dynamodb::Client;
+use kitebridge::store::DynamoKv;
+
+/// The emulator's endpoint, e.g. `http://127.0.0.1:41234`.
+pub struct Emulator {
+    pub endpoint: String,
+    // Held so the emulator lives as long as the test binary; see `start_moto`.
+    _child: Child,
+}
+
+static MOTO: OnceLock<Emulator> = OnceLock::new();
+
+/// Environment variable naming the emulator command (default `moto_server`).
+pub const MOTO_COMMAND_VAR: &str = "KITEBRIDGE_MOTO_SERVER";
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("cannot find a free loopback port: {e}"))
+}
+
+/// Starts moto's server under a tiny shell guard that kills it when our stdin closes, i.e. when
+/// the test binary exits however it exits (statics are never dropped, so no `Drop` could).
+fn start_moto() -> Emulator {
+    let command = std::env::var(MOTO_COMMAND_VAR).unwrap_or_else(|_| "moto_server".into());
+    let mut last_error = String::new();
+    for _ in 0..3 {
+        let port = free_port();
+        let script = format!(
+            "{command} -H 127.0.0.1 -p {port} >/dev/null 2>&1 & pid=$!; echo started; \
+             while read -r _; do :; done; kill $pid 2>/dev/null; wait $pid 2>/dev/null"
+        );
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(&script)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run sh to start the DynamoDB emulator: {e}"));
+        if let Some(out) = child.stdout.take() {
+            let mut line = String::new();
+            let _ = BufReader::new(out).read_line(&mut line);
+        }
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Emulator {
+                    endpoint,
+                    _child: child,
+                };
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                last_error = format!("it exited with {status}");
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if last_error.is_empty() {
+            last_error = "it did not answer within 30 s".into();
+        }
+        let _ = child.kill();
+    }
+    panic!(
+        "the DynamoDB emulator could not be started ({last_error}). Install it with \
+         `pip install \"moto[server]==5.2.1\"` (the CI script does), or set {MOTO_COMMAND_VAR} \
+         to its command."
+    )
+}
+
+/// The emulator for this test binary, started on first use.
+pub fn emulator() -> &'static Emulator {
+    MOTO.get_or_init(start_moto)
+}
+
+/// A real `aws-sdk-dynamodb` client pointed at the emulator, with static test credentials.
+pub async fn dynamodb_client() -> Client {
+    let endpoint = &emulator().endpoint;
+    let conf = aws_sdk_dynamodb::Config::builder()
+        .behavior_version(aws_sdk_dynamodb::config::BehaviorVersion::latest())
+        .region(aws_sdk_dynamodb::config::Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
+            "testing",
+            "testing",
+            None,
+            None,
+            "kitebridge-tests",
+        ))
+        .build();
+    Client::from_conf(conf)
+}
+
+/// A fresh table, created as the SAM template creates it.
+pub async fn dynamodb() -> DynamoKv {
+    let table = format!(
+        "kitebridge-test-{}",
+        ulid::Ulid::new().to_string().to_lowercase()
+    );
+    let kv = DynamoKv::new(dynamodb_client().await, table);
+    kv.create_table()
+        .await
+        .unwrap_or_else(|e| panic!("cannot create a table in the DynamoDB emulator: {e}"));
+    kv
+}

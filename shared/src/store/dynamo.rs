@@ -218,14 +218,20 @@ impl Kv for DynamoKv {
         let mut start: Option<Attrs> = after.map(|a| key(pk, a));
         let now = now_epoch();
         while items.len() < limit {
-            let out = self
+            let mut q = self
                 .client
                 .query()
                 .table_name(&self.table)
                 .consistent_read(true)
-                .key_condition_expression("PK = :pk AND begins_with(SK, :prefix)")
-                .expression_attribute_values(":pk", s(pk))
-                .expression_attribute_values(":prefix", s(sk_prefix))
+                .expression_attribute_values(":pk", s(pk));
+            // DynamoDB refuses an empty begins_with operand; an empty prefix means "all".
+            q = if sk_prefix.is_empty() {
+                q.key_condition_expression("PK = :pk")
+            } else {
+                q.key_condition_expression("PK = :pk AND begins_with(SK, :prefix)")
+                    .expression_attribute_values(":prefix", s(sk_prefix))
+            };
+            let out = q
                 .scan_index_forward(order == Order::Ascending)
                 .limit((limit - items.len()).min(1000) as i32)
                 .set_exclusive_start_key(start.take())
