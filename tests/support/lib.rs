@@ -24,7 +24,7 @@ pub struct Emulator {
 
 static MOTO: OnceLock<Emulator> = OnceLock::new();
 
-/// Environment variable naming the emulator command (default `moto_server`).
+/// Environment variable naming the emulator command (default: `python3 tests/support/moto_serial.py`).
 pub const MOTO_COMMAND_VAR: &str = "KITEBRIDGE_MOTO_SERVER";
 
 fn free_port() -> u16 {
@@ -37,7 +37,13 @@ fn free_port() -> u16 {
 /// Starts moto's server under a tiny shell guard that kills it when our stdin closes, i.e. when
 /// the test binary exits however it exits (statics are never dropped, so no `Drop` could).
 fn start_moto() -> Emulator {
-    let command = std::env::var(MOTO_COMMAND_VAR).unwrap_or_else(|_| "moto_server".into());
+    // Default: moto behind a lock that serializes requests (see moto_serial.py for why).
+    let command = std::env::var(MOTO_COMMAND_VAR).unwrap_or_else(|_| {
+        format!(
+            "python3 {}/support/moto_serial.py",
+            env!("CARGO_MANIFEST_DIR")
+        )
+    });
     let mut last_error = String::new();
     for _ in 0..3 {
         let port = free_port();
