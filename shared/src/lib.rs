@@ -14,6 +14,7 @@ pub mod bootstrap;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod net;
 pub mod release;
 pub mod secrets;
 pub mod store;

@@ -82,6 +82,7 @@ fn start_moto() -> Emulator {
             last_error = "it did not answer within 30 s".into();
         }
         let _ = child.kill();
+        let _ = child.wait();
     }
     panic!(
         "the DynamoDB emulator could not be started ({last_error}). Install it with \
