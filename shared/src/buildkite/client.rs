@@ -1,0 +1,414 @@
+//! Buildkite REST API v2 client: list builds (every `Link: rel="next"` page), create builds.
+//!
+//! Politeness: `RateLimit-Remaining`/`RateLimit-Reset` (organization and user scopes) are read on
+//! every answer; when a limit is spent, the next request waits for the window to turn instead of
+//! collecting a 429. A 429 that happens anyway is retried after `RateLimit-Reset`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use futures::stream::{self, StreamExt, TryStreamExt};
+use reqwest::header::HeaderMap;
+use reqwest::{Client, Response};
+use serde::de::DeserializeOwned;
+use std::sync::Mutex;
+use url::Url;
+
+use crate::config::{Secret, join_url};
+use crate::net::{self, Idempotence, RetryPolicy, SendError};
+
+/// Buildkite's page size limit.
+pub const MAX_PER_PAGE: u32 = 100;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildkiteError {
+    #[error("Buildkite API: {0}")]
+    Send(#[from] SendError),
+    #[error("Buildkite API: unexpected answer: {0}")]
+    Decode(String),
+}
+
+impl BuildkiteError {
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            BuildkiteError::Send(SendError::Status { status, .. }) => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// Which builds to list. Times are sent as RFC 3339 in UTC.
+#[derive(Debug, Clone, Default)]
+pub struct BuildFilter {
+    pub created_from: Option<DateTime<Utc>>,
+    pub created_to: Option<DateTime<Utc>>,
+    pub finished_from: Option<DateTime<Utc>>,
+}
+
+impl BuildFilter {
+    fn query(&self) -> Vec<(&'static str, String)> {
+        let t = |d: &DateTime<Utc>| d.to_rfc3339_opts(SecondsFormat::Secs, true);
+        let mut q = Vec::new();
+        if let Some(d) = &self.created_from {
+            q.push(("created_from", t(d)));
+        }
+        if let Some(d) = &self.created_to {
+            q.push(("created_to", t(d)));
+        }
+        if let Some(d) = &self.finished_from {
+            q.push(("finished_from", t(d)));
+        }
+        q
+    }
+
+    /// A listing whose result set cannot grow while it is paged (bounded by `created_to`, and
+    /// not by `finished_from`, which admits builds that finish meanwhile), so its pages may be
+    /// fetched in parallel without skipping anything.
+    fn is_stable(&self) -> bool {
+        self.created_to.is_some() && self.finished_from.is_none()
+    }
+}
+
+/// Builds of one listing, in the order Buildkite gave them (newest created first), and how many
+/// pages it took.
+#[derive(Debug)]
+pub struct Listing<T> {
+    pub builds: Vec<T>,
+    pub pages: u32,
+}
+
+#[derive(Clone)]
+pub struct BuildkiteClient {
+    http: Client,
+    base: Url,
+    token: Secret,
+    policy: RetryPolicy,
+    gate: Arc<Mutex<Option<Instant>>>,
+    page_concurrency: usize,
+}
+
+impl std::fmt::Debug for BuildkiteClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BuildkiteClient")
+            .field("base", &self.base.as_str())
+            .finish()
+    }
+}
+
+impl BuildkiteClient {
+    pub fn new(http: Client, base: Url, token: Secret) -> BuildkiteClient {
+        BuildkiteClient {
+            http,
+            base,
+            token,
+            policy: RetryPolicy {
+                // Buildkite's own client waits up to 120 s for a rate-limit window.
+                max_server_wait: Duration::from_secs(120),
+                ..RetryPolicy::default()
+            },
+            gate: Arc::new(Mutex::new(None)),
+            page_concurrency: 4,
+        }
+    }
+
+    pub fn with_retry_policy(mut self, policy: RetryPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Lists every build of `org` matching `filter`, following `Link: rel="next"` to the end
+    /// (`per_page=100`, `exclude_jobs=true`). A stable listing (see [`BuildFilter`]) fetches its
+    /// remaining pages in parallel once the first page names the last one.
+    pub async fn list_builds<T: DeserializeOwned + Send>(
+        &self,
+        org: &str,
+        filter: &BuildFilter,
+    ) -> Result<Listing<T>, BuildkiteError> {
+        let mut first = Url::parse(&join_url(
+            &self.base,
+            &format!("/v2/organizations/{}/builds", enc(org)),
+        ))
+        .map_err(|e| BuildkiteError::Decode(format!("bad URL: {e}")))?;
+        {
+            let mut q = first.query_pairs_mut();
+            for (k, v) in filter.query() {
+                q.append_pair(k, &v);
+            }
+            q.append_pair("per_page", &MAX_PER_PAGE.to_string());
+            q.append_pair("exclude_jobs", "true");
+        }
+        let (mut builds, links) = self.page::<T>(first.as_str()).await?;
+        let mut pages = 1;
+
+        if filter.is_stable()
+            && let Some(last) = links
+                .last
+                .as_deref()
+                .and_then(|l| page_urls(l, links.next.as_deref()))
+        {
+            let rest: Vec<Vec<T>> = stream::iter(last)
+                .map(|url| async move { self.page::<T>(&url).await.map(|(b, _)| b) })
+                .buffered(self.page_concurrency)
+                .try_collect()
+                .await?;
+            pages += rest.len() as u32;
+            builds.extend(rest.into_iter().flatten());
+            return Ok(Listing { builds, pages });
+        }
+
+        let mut next = links.next;
+        while let Some(url) = next {
+            let (more, links) = self.page::<T>(&url).await?;
+            builds.extend(more);
+            pages += 1;
+            next = links.next;
+        }
+        Ok(Listing { builds, pages })
+    }
+
+    /// Creates a build: `POST /v2/organizations/{org}/pipelines/{pipeline}/builds`. Not retried
+    /// once Buildkite may have acted on it (a retry could create a second build).
+    pub async fn create_build<T: DeserializeOwned>(
+        &self,
+        org: &str,
+        pipeline: &str,
+        body: &serde_json::Value,
+    ) -> Result<T, BuildkiteError> {
+        let url = join_url(
+            &self.base,
+            &format!(
+                "/v2/organizations/{}/pipelines/{}/builds",
+                enc(org),
+                enc(pipeline)
+            ),
+        );
+        self.wait_for_gate().await;
+        let resp = net::send(
+            || {
+                self.http
+                    .post(&url)
+                    .bearer_auth(self.token.expose())
+                    .json(body)
+            },
+            &self.policy,
+            Idempotence::NotIdempotent,
+        )
+        .await;
+        let resp = self.note_limits(resp)?;
+        resp.json::<T>()
+            .await
+            .map_err(|e| BuildkiteError::Decode(e.to_string()))
+    }
+
+    async fn page<T: DeserializeOwned>(
+        &self,
+        url: &str,
+    ) -> Result<(Vec<T>, Links), BuildkiteError> {
+        self.wait_for_gate().await;
+        let resp = net::send(
+            || self.http.get(url).bearer_auth(self.token.expose()),
+            &self.policy,
+            Idempotence::Idempotent,
+        )
+        .await;
+        let resp = self.note_limits(resp)?;
+        let links = Links::parse(resp.headers());
+        let builds = resp
+            .json::<Vec<T>>()
+            .await
+            .map_err(|e| BuildkiteError::Decode(format!("build list: {e}")))?;
+        Ok((builds, links))
+    }
+
+    async fn wait_for_gate(&self) {
+        // A poisoned lock only means a panic elsewhere; the instant inside is still valid.
+        let until = *self.gate.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(until) = until {
+            let now = Instant::now();
+            if until > now {
+                tracing::info!(
+                    wait_ms = (until - now).as_millis() as u64,
+                    "Buildkite rate limit spent; waiting"
+                );
+                tokio::time::sleep_until(until.into()).await;
+            }
+        }
+    }
+
+    fn note_limits(&self, resp: Result<Response, SendError>) -> Result<Response, BuildkiteError> {
+        let resp = resp?;
+        if let Some(wait) = spent_limit_wait(resp.headers()) {
+            let until = Instant::now() + wait;
+            let mut gate = self.gate.lock().unwrap_or_else(|p| p.into_inner());
+            *gate = Some(gate.map_or(until, |g| g.max(until)));
+        }
+        Ok(resp)
+    }
+}
+
+/// When a limit (organization or user) has no requests left, how long until it resets.
+fn spent_limit_wait(headers: &HeaderMap) -> Option<Duration> {
+    let num = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    [
+        ("ratelimit-remaining", "ratelimit-reset"),
+        ("ratelimit-user-remaining", "ratelimit-user-reset"),
+    ]
+    .iter()
+    .filter_map(|(remaining, reset)| match (num(remaining), num(reset)) {
+        (Some(0), Some(reset)) => Some(Duration::from_secs(reset) + Duration::from_millis(250)),
+        _ => None,
+    })
+    .max()
+}
+
+fn enc(segment: &str) -> String {
+    url::form_urlencoded::byte_serialize(segment.as_bytes()).collect()
+}
+
+#[derive(Debug, Default, PartialEq)]
+struct Links {
+    next: Option<String>,
+    last: Option<String>,
+}
+
+impl Links {
+    /// Parses RFC 8288 `Link` headers: `<url>; rel="next", <url>; rel="last"`.
+    fn parse(headers: &HeaderMap) -> Links {
+        let mut links = Links::default();
+        for value in headers
+            .get_all("link")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+        {
+            for part in value.split(',') {
+                let mut pieces = part.split(';');
+                let Some(target) = pieces.next().map(str::trim) else {
+                    continue;
+                };
+                let Some(url) = target.strip_prefix('<').and_then(|t| t.strip_suffix('>')) else {
+                    continue;
+                };
+                for param in pieces {
+                    let param = param.trim();
+                    let Some(rel) = param.strip_prefix("rel=") else {
+                        continue;
+                    };
+                    for r in rel.trim_matches('"').split_whitespace() {
+                        match r {
+                            "next" => links.next = Some(url.to_string()),
+                            "last" => links.last = Some(url.to_string()),
+                            _ => {}
+                        }
+                    }
+                }
+            }
+        }
+        links
+    }
+}
+
+/// The URLs of pages `next..=last`, made from the `last` link by changing its `page` parameter.
+fn page_urls(last: &str, next: Option<&str>) -> Option<Vec<String>> {
+    let page_of = |u: &Url| {
+        u.query_pairs()
+            .find(|(k, _)| k == "page")
+            .and_then(|(_, v)| v.parse::<u32>().ok())
+    };
+    let last_url = Url::parse(last).ok()?;
+    let last_page = page_of(&last_url)?;
+    let next_page = match next {
+        Some(n) => page_of(&Url::parse(n).ok()?)?,
+        None => return Some(Vec::new()),
+    };
+    let urls = (next_page..=last_page)
+        .map(|p| {
+            let mut u = last_url.clone();
+            let pairs: Vec<(String, String)> = u
+                .query_pairs()
+                .map(|(k, v)| {
+                    if k == "page" {
+                        (k.into_owned(), p.to_string())
+                    } else {
+                        (k.into_owned(), v.into_owned())
+                    }
+                })
+                .collect();
+            u.query_pairs_mut().clear().extend_pairs(pairs);
+            u.to_string()
+        })
+        .collect();
+    Some(urls)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::HeaderValue;
+
+    #[test]
+    fn parses_link_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "link",
+            HeaderValue::from_static(
+                "<https://api.buildkite.com/v2/organizations/acme/builds?page=2&per_page=100>; rel=\"next\", \
+                 <https://api.buildkite.com/v2/organizations/acme/builds?page=6&per_page=100>; rel=\"last\"",
+            ),
+        );
+        let l = Links::parse(&h);
+        assert_eq!(
+            l.next.as_deref(),
+            Some("https://api.buildkite.com/v2/organizations/acme/builds?page=2&per_page=100")
+        );
+        assert!(l.last.unwrap().contains("page=6"));
+        assert_eq!(Links::parse(&HeaderMap::new()), Links::default());
+    }
+
+    #[test]
+    fn page_urls_cover_next_to_last() {
+        let urls = page_urls(
+            "https://x/v2/organizations/acme/builds?created_from=a&page=4&per_page=100",
+            Some("https://x/v2/organizations/acme/builds?created_from=a&page=2&per_page=100"),
+        )
+        .unwrap();
+        assert_eq!(urls.len(), 3);
+        assert!(urls[0].contains("page=2") && urls[2].contains("page=4"));
+        assert!(
+            urls.iter()
+                .all(|u| u.contains("created_from=a") && u.contains("per_page=100"))
+        );
+    }
+
+    #[test]
+    fn spent_limits_ask_for_a_wait() {
+        let mut h = HeaderMap::new();
+        h.insert("ratelimit-remaining", HeaderValue::from_static("0"));
+        h.insert("ratelimit-reset", HeaderValue::from_static("3"));
+        assert_eq!(spent_limit_wait(&h), Some(Duration::from_millis(3250)));
+        h.insert("ratelimit-remaining", HeaderValue::from_static("5"));
+        assert_eq!(spent_limit_wait(&h), None);
+    }
+
+    #[test]
+    fn filter_stability() {
+        let now = Utc::now();
+        let created = BuildFilter {
+            created_from: Some(now),
+            created_to: Some(now),
+            finished_from: None,
+        };
+        assert!(created.is_stable());
+        let finished = BuildFilter {
+            created_from: None,
+            created_to: Some(now),
+            finished_from: Some(now),
+        };
+        assert!(!finished.is_stable());
+    }
+}

@@ -1,0 +1,3 @@
+//! Buildkite: the REST API client, webhook verification, and the build and pipeline types.
+
+pub mod client;
