@@ -17,6 +17,7 @@ pub mod error;
 pub mod http;
 pub mod net;
 pub mod release;
+pub mod report;
 pub mod secrets;
 pub mod store;
 pub mod telemetry;
