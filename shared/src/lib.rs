@@ -11,6 +11,7 @@
 //! - [`telemetry`]: structured logging.
 
 pub mod bootstrap;
+pub mod buildkite;
 pub mod config;
 pub mod error;
 pub mod http;
