@@ -17,6 +17,7 @@ pub mod error;
 pub mod http;
 pub mod release;
 pub mod secrets;
+pub mod status;
 pub mod store;
 pub mod telemetry;
 
