@@ -10,6 +10,7 @@
 //! - [`secrets`]: reading secrets from AWS Secrets Manager at cold start.
 //! - [`telemetry`]: structured logging.
 
+pub mod bitbucket;
 pub mod bootstrap;
 pub mod buildkite;
 pub mod config;
