@@ -10,6 +10,7 @@
 //! - [`secrets`]: reading secrets from AWS Secrets Manager at cold start.
 //! - [`telemetry`]: structured logging.
 
+pub mod bitbucket;
 pub mod bootstrap;
 pub mod buildkite;
 pub mod config;
@@ -19,6 +20,7 @@ pub mod net;
 pub mod release;
 pub mod report;
 pub mod secrets;
+pub mod status;
 pub mod store;
 pub mod telemetry;
 

@@ -1,0 +1,230 @@
+//! One poll-and-report cycle: for each organization, cursor → Buildkite pages → statuses →
+//! report → cursor; then the outbox; then the heartbeat.
+//!
+//! Two listings per organization, disjoint by construction so no build is fetched twice:
+//!
+//! - *created*: `created_from = cursor`, `created_to = cycle start`: builds created in the window,
+//!   in whatever state they are now. Bounded above, so its pages cannot shift while they are
+//!   read, and are fetched in parallel.
+//! - *finished*: `finished_from = cursor`, `created_to = cursor`: older builds that finished in
+//!   the window.
+//!
+//! The cursor then moves, by compare-and-set, to the cycle's start less an overlap (clock skew,
+//! late indexing): every build created or finished before that point has been reported, or is
+//! in the outbox for retry. If anything fails before that is true (Buildkite, the store), the
+//! cursor stays and the next cycle covers the same window again; the ledger makes the repeat
+//! free of duplicate posts. Two cycles running at once are harmless: both report (de-duplicated
+//! by the ledger), and only one moves the cursor.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::bitbucket::BitbucketClient;
+use crate::buildkite::client::{BuildFilter, BuildkiteClient, BuildkiteError};
+use crate::buildkite::model::Build;
+use crate::config::{Config, DmsConfig, join_url};
+use crate::report::{Reporter, Tally};
+use crate::status;
+use crate::store::{CursorStore, StatusRecord, StoreError};
+
+/// How far before the cycle's start the cursor is put, for clock skew between Buildkite and us
+/// and for builds that show up in listings late.
+pub const OVERLAP: Duration = Duration::from_secs(120);
+
+/// Outbox entries delivered per cycle at most.
+const DRAIN_LIMIT: usize = 5_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PollError {
+    #[error("organization {org}: {source}")]
+    Buildkite { org: String, source: BuildkiteError },
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("Bitbucket: {0}")]
+    Bitbucket(String),
+}
+
+/// The cycle's summary, logged as one structured line.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Summary {
+    pub organizations: usize,
+    pub pages: u32,
+    pub builds_seen: u64,
+    pub skipped: u64,
+    #[serde(flatten)]
+    pub reported: Tally,
+    pub retried: Tally,
+    pub failed_organizations: Vec<String>,
+    pub cursors_moved: u64,
+    pub duration_ms: u64,
+}
+
+impl Summary {
+    pub fn succeeded(&self) -> bool {
+        self.failed_organizations.is_empty()
+    }
+}
+
+/// What a cycle needs. Built once (at cold start on Lambda, at start-up in `serve`).
+#[derive(Clone)]
+pub struct Poller {
+    pub organizations: Vec<String>,
+    pub initial_search_time: Duration,
+    pub buildkite: BuildkiteClient,
+    pub bitbucket: BitbucketClient,
+    pub cursors: Arc<dyn CursorStore>,
+    pub reporter: Reporter,
+    pub dms: Option<(reqwest::Client, DmsConfig)>,
+}
+
+impl Poller {
+    pub fn from_config(
+        config: &Config,
+        http: reqwest::Client,
+        cursors: Arc<dyn CursorStore>,
+        reporter: Reporter,
+        bitbucket: BitbucketClient,
+    ) -> Option<Poller> {
+        let token = config.buildkite.token.clone()?;
+        Some(Poller {
+            organizations: config.buildkite.organizations.clone(),
+            initial_search_time: config.monitor.initial_search_time,
+            buildkite: BuildkiteClient::new(http.clone(), config.buildkite.api_url.clone(), token),
+            bitbucket,
+            cursors,
+            reporter,
+            dms: config.dms.clone().map(|d| (http, d)),
+        })
+    }
+
+    /// Runs one cycle. `Ok` only when every organization was polled and reported and the
+    /// outbox could be read; the summary is logged either way.
+    pub async fn cycle(&self) -> Result<Summary, PollError> {
+        let started = Instant::now();
+        let mut summary = Summary {
+            organizations: self.organizations.len(),
+            ..Summary::default()
+        };
+        let mut first_error = None;
+        for org in &self.organizations {
+            match self.poll_org(org, &mut summary).await {
+                Ok(()) => {}
+                Err(e) => {
+                    tracing::error!(organization = %org, error = %e, "poll failed; the cursor stays");
+                    summary.failed_organizations.push(org.clone());
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match self.reporter.drain(DRAIN_LIMIT).await {
+            Ok(t) => summary.retried = t,
+            Err(e) => {
+                first_error.get_or_insert(PollError::Store(e));
+            }
+        }
+        summary.duration_ms = started.elapsed().as_millis() as u64;
+        let ok = first_error.is_none();
+        tracing::info!(
+            target: "kitebridge::poll",
+            ok,
+            summary = %serde_json::to_string(&summary).unwrap_or_default(),
+            "poll cycle"
+        );
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        self.heartbeat().await;
+        Ok(summary)
+    }
+
+    async fn poll_org(&self, org: &str, summary: &mut Summary) -> Result<(), PollError> {
+        let start = Utc::now();
+        let cursor = self.cursors.cursor(org).await?;
+        let from = cursor.as_ref().map(|c| c.value).unwrap_or_else(|| {
+            start - chrono::Duration::from_std(self.initial_search_time).unwrap_or(chrono::Duration::days(7))
+        });
+        let created = BuildFilter {
+            created_from: Some(from),
+            created_to: Some(start),
+            finished_from: None,
+        };
+        let finished = BuildFilter {
+            created_from: None,
+            created_to: Some(from),
+            finished_from: Some(from),
+        };
+        let (created, finished) = tokio::join!(
+            self.buildkite.list_builds::<Build>(org, &created),
+            self.buildkite.list_builds::<Build>(org, &finished),
+        );
+        let wrap = |source| PollError::Buildkite {
+            org: org.to_string(),
+            source,
+        };
+        let (created, finished) = (created.map_err(wrap)?, finished.map_err(wrap)?);
+        summary.pages += created.pages + finished.pages;
+
+        let api = self
+            .bitbucket
+            .api()
+            .await
+            .map_err(|e| PollError::Bitbucket(format!("cannot tell which build-status API to use: {e}")))?;
+        let mut statuses: HashMap<String, StatusRecord> = HashMap::new();
+        for build in created.builds.into_iter().chain(finished.builds) {
+            summary.builds_seen += 1;
+            match status::prepare(&build, None, Some(org), &api, self.bitbucket.base()) {
+                Ok(record) => {
+                    // The same build twice (it can straddle pages): keep the newest state.
+                    let entry = statuses.entry(build.id.clone());
+                    let keep = match &entry {
+                        std::collections::hash_map::Entry::Occupied(o) => o.get().version < record.version,
+                        std::collections::hash_map::Entry::Vacant(_) => true,
+                    };
+                    if keep {
+                        entry.insert_entry(record);
+                    }
+                }
+                Err(skip) => {
+                    summary.skipped += 1;
+                    tracing::info!(organization = %org, build = build.number, reason = %skip, "build not reported");
+                }
+            }
+        }
+        let tally = self.reporter.report_all(statuses.into_values().collect()).await?;
+        summary.reported.posted += tally.posted;
+        summary.reported.already_reported += tally.already_reported;
+        summary.reported.superseded += tally.superseded;
+        summary.reported.deferred += tally.deferred;
+
+        let to = start - chrono::Duration::from_std(OVERLAP).unwrap_or(chrono::Duration::minutes(2));
+        if self.cursors.advance_cursor(org, cursor.as_ref(), to).await? {
+            summary.cursors_moved += 1;
+        }
+        Ok(())
+    }
+
+    /// Dead Man's Snitch: only after a cycle that succeeded end to end. A failed ping is logged,
+    /// never fails the cycle.
+    async fn heartbeat(&self) {
+        let Some((http, dms)) = &self.dms else { return };
+        let url = join_url(&dms.url, dms.snitch_id.expose());
+        match http.get(&url).timeout(Duration::from_secs(5)).send().await {
+            Ok(r) if r.status().is_success() => tracing::debug!("heartbeat sent"),
+            // The URL holds the snitch token: log neither it nor the error's URL.
+            Ok(r) => tracing::warn!(status = r.status().as_u16(), "heartbeat refused"),
+            Err(e) => tracing::warn!(timeout = e.is_timeout(), connect = e.is_connect(), "heartbeat failed"),
+        }
+    }
+}
+
+/// When the cursor of `org` says the last successful cycle was.
+pub async fn last_success(cursors: &dyn CursorStore, org: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+    Ok(cursors
+        .cursor(org)
+        .await?
+        .map(|c| c.value + chrono::Duration::from_std(OVERLAP).unwrap_or_default()))
+}
