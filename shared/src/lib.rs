@@ -17,6 +17,7 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod net;
+pub mod poll;
 pub mod release;
 pub mod report;
 pub mod secrets;

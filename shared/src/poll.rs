@@ -27,8 +27,7 @@ use crate::bitbucket::BitbucketClient;
 use crate::buildkite::client::{BuildFilter, BuildkiteClient, BuildkiteError};
 use crate::buildkite::model::Build;
 use crate::config::{Config, DmsConfig, join_url};
-use crate::report::{Reporter, Tally};
-use crate::status;
+use crate::report::{Reporter, Tally, status_record};
 use crate::store::{CursorStore, StatusRecord, StoreError};
 
 /// How far before the cycle's start the cursor is put, for clock skew between Buildkite and us
@@ -145,7 +144,9 @@ impl Poller {
         let start = Utc::now();
         let cursor = self.cursors.cursor(org).await?;
         let from = cursor.as_ref().map(|c| c.value).unwrap_or_else(|| {
-            start - chrono::Duration::from_std(self.initial_search_time).unwrap_or(chrono::Duration::days(7))
+            start
+                - chrono::Duration::from_std(self.initial_search_time)
+                    .unwrap_or(chrono::Duration::days(7))
         });
         let created = BuildFilter {
             created_from: Some(from),
@@ -168,20 +169,20 @@ impl Poller {
         let (created, finished) = (created.map_err(wrap)?, finished.map_err(wrap)?);
         summary.pages += created.pages + finished.pages;
 
-        let api = self
-            .bitbucket
-            .api()
-            .await
-            .map_err(|e| PollError::Bitbucket(format!("cannot tell which build-status API to use: {e}")))?;
+        let api = self.bitbucket.api().await.map_err(|e| {
+            PollError::Bitbucket(format!("cannot tell which build-status API to use: {e}"))
+        })?;
         let mut statuses: HashMap<String, StatusRecord> = HashMap::new();
         for build in created.builds.into_iter().chain(finished.builds) {
             summary.builds_seen += 1;
-            match status::prepare(&build, None, Some(org), &api, self.bitbucket.base()) {
+            match status_record(&build, None, Some(org), &api, self.bitbucket.base()) {
                 Ok(record) => {
                     // The same build twice (it can straddle pages): keep the newest state.
                     let entry = statuses.entry(build.id.clone());
                     let keep = match &entry {
-                        std::collections::hash_map::Entry::Occupied(o) => o.get().version < record.version,
+                        std::collections::hash_map::Entry::Occupied(o) => {
+                            o.get().version < record.version
+                        }
                         std::collections::hash_map::Entry::Vacant(_) => true,
                     };
                     if keep {
@@ -194,14 +195,22 @@ impl Poller {
                 }
             }
         }
-        let tally = self.reporter.report_all(statuses.into_values().collect()).await?;
+        let tally = self
+            .reporter
+            .report_all(statuses.into_values().collect())
+            .await?;
         summary.reported.posted += tally.posted;
         summary.reported.already_reported += tally.already_reported;
         summary.reported.superseded += tally.superseded;
         summary.reported.deferred += tally.deferred;
 
-        let to = start - chrono::Duration::from_std(OVERLAP).unwrap_or(chrono::Duration::minutes(2));
-        if self.cursors.advance_cursor(org, cursor.as_ref(), to).await? {
+        let to =
+            start - chrono::Duration::from_std(OVERLAP).unwrap_or(chrono::Duration::minutes(2));
+        if self
+            .cursors
+            .advance_cursor(org, cursor.as_ref(), to)
+            .await?
+        {
             summary.cursors_moved += 1;
         }
         Ok(())
@@ -216,13 +225,20 @@ impl Poller {
             Ok(r) if r.status().is_success() => tracing::debug!("heartbeat sent"),
             // The URL holds the snitch token: log neither it nor the error's URL.
             Ok(r) => tracing::warn!(status = r.status().as_u16(), "heartbeat refused"),
-            Err(e) => tracing::warn!(timeout = e.is_timeout(), connect = e.is_connect(), "heartbeat failed"),
+            Err(e) => tracing::warn!(
+                timeout = e.is_timeout(),
+                connect = e.is_connect(),
+                "heartbeat failed"
+            ),
         }
     }
 }
 
 /// When the cursor of `org` says the last successful cycle was.
-pub async fn last_success(cursors: &dyn CursorStore, org: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+pub async fn last_success(
+    cursors: &dyn CursorStore,
+    org: &str,
+) -> Result<Option<DateTime<Utc>>, StoreError> {
     Ok(cursors
         .cursor(org)
         .await?

@@ -15,8 +15,34 @@ use async_trait::async_trait;
 use chrono::Utc;
 use futures::stream::{self, StreamExt};
 
+use url::Url;
+
+use crate::bitbucket::request::{ApiKind, build_request};
+use crate::buildkite::model::{Build, Pipeline};
 use crate::net::SendError;
+use crate::status::{self, Skip};
 use crate::store::{Begin, PendingStatus, StatusLedger, StatusRecord, StoreError};
+
+/// A build as the ledger records it: mapped ([`status::map`]) and turned into the request for
+/// the Bitbucket API in use, kept as the payload so the outbox can send it again later.
+pub fn status_record(
+    build: &Build,
+    pipeline: Option<&Pipeline>,
+    organization: Option<&str>,
+    api: &ApiKind,
+    bitbucket_url: &Url,
+) -> Result<StatusRecord, Skip> {
+    let status = status::map(build, pipeline, organization)?;
+    let request = build_request(api, bitbucket_url, &status)?;
+    Ok(StatusRecord {
+        state: request.state.as_str().to_string(),
+        // A StatusRequest is plain data (strings and JSON); encoding it cannot fail.
+        payload: serde_json::to_value(&request).unwrap_or(serde_json::Value::Null),
+        commit: status.commit,
+        key: status.key,
+        version: status.version,
+    })
+}
 
 /// Where statuses go: Bitbucket, in production.
 #[async_trait]

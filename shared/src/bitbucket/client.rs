@@ -61,14 +61,19 @@ impl BitbucketClient {
 
     fn authed(&self, req: RequestBuilder) -> RequestBuilder {
         match &self.auth {
-            BitbucketAuth::Basic { username, password } => req.basic_auth(username, Some(password.expose())),
+            BitbucketAuth::Basic { username, password } => {
+                req.basic_auth(username, Some(password.expose()))
+            }
             BitbucketAuth::Bearer(token) => req.bearer_auth(token.expose()),
         }
     }
 
     /// The API in use; for `auto`, probes the server the first time.
     pub async fn api(&self) -> Result<ApiKind, SendError> {
-        self.resolved.get_or_try_init(|| self.detect()).await.cloned()
+        self.resolved
+            .get_or_try_init(|| self.detect())
+            .await
+            .cloned()
     }
 
     async fn detect(&self) -> Result<ApiKind, SendError> {
@@ -103,7 +108,13 @@ impl BitbucketClient {
     /// (older than Data Center 7.4).
     async fn capabilities(&self) -> Result<Option<super::request::Capabilities>, SendError> {
         let url = join_url(&self.base, "/rest/api/latest/build/capabilities");
-        match net::send(|| self.authed(self.http.get(&url)), &self.policy, Idempotence::Idempotent).await {
+        match net::send(
+            || self.authed(self.http.get(&url)),
+            &self.policy,
+            Idempotence::Idempotent,
+        )
+        .await
+        {
             Ok(resp) => {
                 let json: serde_json::Value = resp
                     .json()
@@ -111,7 +122,9 @@ impl BitbucketClient {
                     .map_err(|e| SendError::Other(format!("capabilities: {e}")))?;
                 Ok(Some(parse_capabilities(&json)))
             }
-            Err(SendError::Status { status, .. }) if status == StatusCode::NOT_FOUND.as_u16() => Ok(None),
+            Err(SendError::Status { status, .. }) if status == StatusCode::NOT_FOUND.as_u16() => {
+                Ok(None)
+            }
             Err(e) => Err(e),
         }
     }
