@@ -1,11 +1,16 @@
-//! Start-up shared by every binary: configuration, logging, store. Runs once (at cold start on
-//! Lambda) and fails with a message naming what is wrong, never a panic.
+//! Start-up shared by every binary: configuration, logging, store, clients. Runs once (at cold
+//! start on Lambda) and fails with a message naming what is wrong, never a panic.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::Error;
+use crate::bitbucket::BitbucketClient;
 use crate::config::{Config, Role};
 use crate::http::AppState;
+use crate::net::RetryPolicy;
+use crate::poll::Poller;
+use crate::report::Reporter;
 use crate::store::{DynamoKv, SqliteKv, Store};
 
 /// Lambda start-up: configuration from the environment (secrets overlaid from AWS Secrets
@@ -18,10 +23,7 @@ pub async fn lambda(role: Role) -> Result<AppState, Error> {
         Error::Startup("KITEBRIDGE_TABLE: required (the DynamoDB table's name)".into())
     })?;
     let store = Store::new(DynamoKv::from_env(table).await);
-    Ok(AppState {
-        config: Arc::new(config),
-        store,
-    })
+    app_state(config, store)
 }
 
 /// Self-hosted start-up: configuration from the environment, the embedded store at
@@ -36,8 +38,45 @@ pub fn self_hosted(role: Role) -> Result<AppState, Error> {
         .clone()
         .unwrap_or_else(|| "kitebridge.db".into());
     let store = Store::new(SqliteKv::open(path)?);
+    app_state(config, store)
+}
+
+/// Everything the handlers and the poller use, built from configuration once. Parts whose
+/// settings are absent are `None`; [`Config::require`] has already refused a role that needs
+/// them.
+pub fn app_state(config: Config, store: Store) -> Result<AppState, Error> {
+    let http = crate::net::client(config.http_timeout)?;
+    let bitbucket = BitbucketClient::new(http.clone(), &config.bitbucket);
+    let ledger = Arc::new(store.clone());
+    let poll_reporter = bitbucket
+        .as_ref()
+        .map(|b| Reporter::new(ledger.clone(), Arc::new(b.clone()), config.post_concurrency));
+    // A webhook answers quickly: one quick retry, then the outbox (drained by the next poll).
+    let webhook_reporter = bitbucket.as_ref().map(|b| {
+        let quick = b.with_policy(RetryPolicy {
+            attempts: 2,
+            base: Duration::from_millis(100),
+            cap: Duration::from_millis(500),
+            max_server_wait: Duration::from_secs(1),
+        });
+        Reporter::new(ledger.clone(), Arc::new(quick), config.post_concurrency)
+    });
+    let poller = match (&bitbucket, poll_reporter) {
+        (Some(b), Some(reporter)) => Poller::from_config(
+            &config,
+            http.clone(),
+            Arc::new(store.clone()),
+            reporter,
+            b.clone(),
+        ),
+        _ => None,
+    };
     Ok(AppState {
         config: Arc::new(config),
         store,
+        http,
+        bitbucket,
+        poller,
+        webhook_reporter,
     })
 }

@@ -10,14 +10,22 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 
+use crate::bitbucket::BitbucketClient;
 use crate::config::Config;
+use crate::poll::Poller;
+use crate::report::Reporter;
 use crate::store::Store;
 
-/// What the handlers share.
+/// What the handlers and the poller share; built once by [`crate::bootstrap::app_state`].
 #[derive(Clone)]
 pub struct AppState {
     pub config: Arc<Config>,
     pub store: Store,
+    pub http: reqwest::Client,
+    pub bitbucket: Option<BitbucketClient>,
+    pub poller: Option<Poller>,
+    /// The reporter webhooks use: short retries, then the outbox.
+    pub webhook_reporter: Option<Reporter>,
 }
 
 /// The router with every route kitebridge serves.

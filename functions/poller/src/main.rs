@@ -6,15 +6,14 @@ use lambda_runtime::{LambdaEvent, service_fn};
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
     let state = kitebridge::bootstrap::lambda(Role::Poller).await?;
-    let state = &state;
+    let poller = state.poller.ok_or("the poller is not configured")?;
+    let poller = &poller;
     lambda_runtime::run(service_fn(
         move |_event: LambdaEvent<serde_json::Value>| async move {
-            // The poll-and-report cycle lands with issue 3; until then the function proves its
-            // wiring (configuration, store) and fails loudly rather than pretending to poll.
-            state.store.ping().await?;
-            Err::<serde_json::Value, lambda_runtime::Error>(
-                "poll-and-report is not built yet".into(),
-            )
+            // An error fails the invocation, so the dead-letter queue and the alarms see it.
+            let summary = poller.cycle().await?;
+            kitebridge::poll::emit_success_metric(&summary);
+            Ok::<_, lambda_runtime::Error>(serde_json::to_value(&summary)?)
         },
     ))
     .await
