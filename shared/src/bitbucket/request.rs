@@ -792,6 +792,22 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        #[test]
+        fn fitting_never_exceeds_the_limit(s in "\\PC{0,300}", max in 0usize..300) {
+            let text = fit_text(&s, max);
+            proptest::prop_assert!(utf16_len(&text) <= max);
+            let kept = text.strip_suffix('\u{2026}').unwrap_or(&text);
+            proptest::prop_assert!(s.starts_with(kept));
+            let key = fit_key(&s, max);
+            proptest::prop_assert!(utf16_len(&key) <= max);
+            proptest::prop_assert_eq!(fit_key(&s, max), key);
+            if let Some(url) = fit_url(&s, max) {
+                proptest::prop_assert!(utf16_len(&url) <= max && s.starts_with(&*url));
+            }
+        }
+    }
+
     #[test]
     fn capabilities() {
         let cases = [
