@@ -21,6 +21,7 @@ pub mod poll;
 pub mod release;
 pub mod report;
 pub mod secrets;
+pub mod serve;
 pub mod status;
 pub mod store;
 pub mod telemetry;
