@@ -35,14 +35,15 @@ fn public_case(case: &Value) -> Result<(), String> {
         context_only: value_map(case.get("context_only")),
     };
     let entry = case["entry_point"].as_str().unwrap_or("build_condition");
-    let got: Result<Value, cond::CondError> = entry.parse::<EntryPoint>().and_then(|entry| {
-        match case["api"].as_str() {
-            Some("validate") => {
-                cond::validate(input, entry).map(|()| Value::String("valid".into()))
-            }
-            _ => cond::evaluate(input, entry, &ctx).map(Value::Bool),
-        }
-    });
+    let got: Result<Value, cond::CondError> =
+        entry
+            .parse::<EntryPoint>()
+            .and_then(|entry| match case["api"].as_str() {
+                Some("validate") => {
+                    cond::validate(input, entry).map(|()| Value::String("valid".into()))
+                }
+                _ => cond::evaluate(input, entry, &ctx).map(Value::Bool),
+            });
     match (case.get("expected"), case.get("expected_error")) {
         (Some(want), _) => match got {
             Ok(v) if v == *want => Ok(()),
@@ -98,7 +99,10 @@ fn internal_case(case: &Value) -> Result<(), String> {
             if Some(printed.as_str()) == case["expected_ast_string"].as_str() {
                 Ok(())
             } else {
-                Err(format!("printed {printed}, want {}", case["expected_ast_string"]))
+                Err(format!(
+                    "printed {printed}, want {}",
+                    case["expected_ast_string"]
+                ))
             }
         }
         other => Err(format!("unknown kind {other:?}")),

@@ -40,21 +40,28 @@ fn expansion_json(e: &Expansion<'_>) -> Value {
         Expansion::EmptyValue {
             identifier,
             content,
-        } => json!({"type": "EmptyValueExpansion", "identifier": identifier, "content": ast_json(content)}),
+        } => {
+            json!({"type": "EmptyValueExpansion", "identifier": identifier, "content": ast_json(content)})
+        }
         Expansion::UnsetValue {
             identifier,
             content,
-        } => json!({"type": "UnsetValueExpansion", "identifier": identifier, "content": ast_json(content)}),
+        } => {
+            json!({"type": "UnsetValueExpansion", "identifier": identifier, "content": ast_json(content)})
+        }
         Expansion::Required {
             identifier,
             message,
-        } => json!({"type": "RequiredExpansion", "identifier": identifier, "message": ast_json(message)}),
+        } => {
+            json!({"type": "RequiredExpansion", "identifier": identifier, "message": ast_json(message)})
+        }
         Expansion::Substring {
             identifier,
             offset,
             length,
         } => {
-            let mut v = json!({"type": "SubstringExpansion", "identifier": identifier, "offset": offset});
+            let mut v =
+                json!({"type": "SubstringExpansion", "identifier": identifier, "offset": offset});
             if let Some(l) = length {
                 v["length"] = json!(l);
                 v["has_length"] = json!(true);

@@ -609,3 +609,26 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn never_panics(template in "[$\\\\{}:?+\\-a-zA-Z0-9_ é]{0,40}") {
+            let env: HashMap<String, String> =
+                [("a".to_owned(), "héllo".to_owned()), ("B".to_owned(), String::new())].into();
+            let _ = interpolate(&template, &env);
+            let _ = interpolate_bytes(&template, &env);
+            let _ = identifiers(&template);
+            let _ = referenced_variables(&template);
+        }
+
+        #[test]
+        fn anything_never_panics(template in "\\PC{0,40}") {
+            let _ = interpolate(&template, &NoEnv);
+        }
+    }
+}

@@ -24,9 +24,7 @@ impl Node {
             }
             Kind::Not(inner) => inner.height,
             Kind::Infix { lhs, rhs, .. } => lhs.height.max(rhs.height),
-            Kind::Ternary { cond, then, other } => {
-                cond.height.max(then.height).max(other.height)
-            }
+            Kind::Ternary { cond, then, other } => cond.height.max(then.height).max(other.height),
             _ => 0,
         };
         Self { pos, height, kind }

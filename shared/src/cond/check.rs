@@ -40,7 +40,10 @@ fn invalid(message: impl Into<String>, node: &Node) -> CondError {
 
 fn unexpected(want: &str, got: Ty, node: &Node) -> CondError {
     invalid(
-        format!("unexpected type: expected {want} but found {}", got.describe()),
+        format!(
+            "unexpected type: expected {want} but found {}",
+            got.describe()
+        ),
         node,
     )
 }

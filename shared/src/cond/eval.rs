@@ -10,7 +10,7 @@ use super::ast::{InfixOp, Kind, Node};
 use super::regex::RegexLit;
 use super::shell::{ShellEnv, Template};
 use super::vars::{self, Schema, unsupported_buildkite_env};
-use super::{Context, CondError, ErrorKind};
+use super::{CondError, Context, ErrorKind};
 
 #[derive(Debug, Clone)]
 pub(crate) enum Val<'a> {
@@ -162,7 +162,10 @@ impl<'c> Scope<'c> {
                     && !matches_declared(&v, ty)
                 {
                     return Err(fail(
-                        format!("variable `{name}` holds a {}, not the declared type", v.type_name()),
+                        format!(
+                            "variable `{name}` holds a {}, not the declared type",
+                            v.type_name()
+                        ),
                         node,
                     ));
                 }
@@ -175,7 +178,10 @@ impl<'c> Scope<'c> {
                         Val::Str(s) => out.push(s),
                         other => {
                             return Err(fail(
-                                format!("array elements must be strings, found {}", other.type_name()),
+                                format!(
+                                    "array elements must be strings, found {}",
+                                    other.type_name()
+                                ),
                                 item,
                             ));
                         }
@@ -255,7 +261,11 @@ impl<'c> Scope<'c> {
                     Val::Null => Ok(negate),
                     Val::Str(s) => Ok(re.re.is_match(&s) != negate),
                     other => Err(fail(
-                        format!("`{}` needs a string, found {}", op.as_str(), other.type_name()),
+                        format!(
+                            "`{}` needs a string, found {}",
+                            op.as_str(),
+                            other.type_name()
+                        ),
                         lhs,
                     )),
                 }
@@ -275,7 +285,7 @@ impl<'c> Scope<'c> {
                 };
                 match r {
                     Val::Null => Ok(false),
-                    Val::Str(s) => Ok(items.iter().any(|i| *i == s)),
+                    Val::Str(s) => Ok(items.contains(&s)),
                     Val::Re(re) => Ok(items.iter().any(|i| re.re.is_match(i))),
                     other => Err(fail(
                         format!("`includes` cannot look for a {}", other.type_name()),

@@ -177,10 +177,7 @@ impl<'a> Lexer<'a> {
             });
         }
         if c != b'{' {
-            return Err(err(
-                "`$` must be followed by a variable name or `{`",
-                start,
-            ));
+            return Err(err("`$` must be followed by a variable name or `{`", start));
         }
         match brace_end(self.b, start + 1) {
             Some(end) => {
@@ -221,9 +218,8 @@ impl<'a> Lexer<'a> {
                 i += 2;
                 continue;
             }
-            i = decode_escape(self.b, i + 1, &mut out).ok_or_else(|| {
-                err("octal escape out of range in string", i)
-            })?;
+            i = decode_escape(self.b, i + 1, &mut out)
+                .ok_or_else(|| err("octal escape out of range in string", i))?;
         }
         self.pos = i + 1;
         Ok(Token {
@@ -417,7 +413,18 @@ mod tests {
 
     #[test]
     fn errors() {
-        for src in ["\"abc", "/abc", "@", "=", "&", "|", "\"\\400\"", "${x", "$1", "#"] {
+        for src in [
+            "\"abc",
+            "/abc",
+            "@",
+            "=",
+            "&",
+            "|",
+            "\"\\400\"",
+            "${x",
+            "$1",
+            "#",
+        ] {
             let mut l = Lexer::new(src);
             let r = (0..4).try_for_each(|_| l.next_token().map(|_| ()));
             assert!(r.is_err(), "{src}");
@@ -428,7 +435,11 @@ mod tests {
     fn shell_tokens() {
         assert_eq!(
             toks("$a.b ${x-\"}\"} x"),
-            vec![Tok::Shell("$a.b"), Tok::Shell("${x-\"}\"}"), Tok::Ident("x")]
+            vec![
+                Tok::Shell("$a.b"),
+                Tok::Shell("${x-\"}\"}"),
+                Tok::Ident("x")
+            ]
         );
     }
 }

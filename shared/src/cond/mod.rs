@@ -150,7 +150,11 @@ pub struct CondError {
 }
 
 impl CondError {
-    pub(crate) fn new(kind: ErrorKind, message: impl Into<String>, position: Option<usize>) -> Self {
+    pub(crate) fn new(
+        kind: ErrorKind,
+        message: impl Into<String>,
+        position: Option<usize>,
+    ) -> Self {
         Self {
             kind,
             message: message.into(),
@@ -198,7 +202,10 @@ pub fn compile(src: &str, schema: &Schema) -> Result<Expr, CondError> {
 pub fn is_blank(src: &str) -> bool {
     matches!(
         lexer::Lexer::new(src).next_token(),
-        Ok(lexer::Token { tok: lexer::Tok::Eof, .. })
+        Ok(lexer::Token {
+            tok: lexer::Tok::Eof,
+            ..
+        })
     )
 }
 
@@ -278,7 +285,10 @@ mod tests {
 
     fn ctx(vars: &[(&str, Value)]) -> Context {
         Context {
-            variables: vars.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect(),
+            variables: vars
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .collect(),
             ..Context::default()
         }
     }
@@ -305,7 +315,11 @@ mod tests {
             ("   // nothing\n", true),
         ];
         for (src, want) in cases {
-            assert_eq!(evaluate(src, EntryPoint::BuildCondition, &c), Ok(want), "{src}");
+            assert_eq!(
+                evaluate(src, EntryPoint::BuildCondition, &c),
+                Ok(want),
+                "{src}"
+            );
         }
     }
 
@@ -337,7 +351,10 @@ mod tests {
     #[test]
     fn notifications_swallow_errors() {
         let c = Context::default();
-        assert_eq!(evaluate("nope ==", EntryPoint::BuildNotification, &c), Ok(false));
+        assert_eq!(
+            evaluate("nope ==", EntryPoint::BuildNotification, &c),
+            Ok(false)
+        );
         assert_eq!(evaluate("", EntryPoint::StepNotification, &c), Ok(true));
     }
 
@@ -353,5 +370,68 @@ mod tests {
         assert_eq!(evaluate_with(src, &schema, &c), Ok(true));
         let err = evaluate_with("build.branch == 'x'", &schema, &c).unwrap_err();
         assert_eq!(err.kind, ErrorKind::Validation);
+    }
+}
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn tokens() -> impl Strategy<Value = String> {
+        let atom = prop_oneof![
+            Just("build.branch".to_owned()),
+            Just("build.state".to_owned()),
+            Just("build.creator.teams".to_owned()),
+            Just("'a'".to_owned()),
+            Just("\"b$x\"".to_owned()),
+            Just("${x:-y}".to_owned()),
+            Just("$x.y".to_owned()),
+            Just("/a+b/i".to_owned()),
+            Just("12".to_owned()),
+            Just("true".to_owned()),
+            Just("null".to_owned()),
+            Just("env('X')".to_owned()),
+            Just("[\"a\", 'b']".to_owned()),
+        ];
+        let op = prop_oneof![
+            Just(" == "),
+            Just(" != "),
+            Just(" =~ "),
+            Just(" !~ "),
+            Just(" includes "),
+            Just(" && "),
+            Just(" || "),
+            Just(" ? "),
+            Just(" : "),
+            Just("!"),
+            Just("("),
+            Just(")"),
+        ];
+        prop::collection::vec((atom, op), 0..8)
+            .prop_map(|parts| parts.into_iter().map(|(a, o)| format!("{a}{o}")).collect())
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_text_never_panics(src in "\\PC{0,64}") {
+            let ctx = Context::default();
+            let _ = evaluate(&src, EntryPoint::BuildConditionWithStep, &ctx);
+            if let Ok(e) = parse(&src) {
+                let _ = e.eval_unchecked(&ctx);
+            }
+        }
+
+        #[test]
+        fn token_soup_never_panics_and_prints_stably(src in tokens()) {
+            let ctx = Context::default();
+            let _ = evaluate(&src, EntryPoint::BuildCondition, &ctx);
+            if let Ok(e) = parse(&src) {
+                let _ = e.eval_unchecked(&ctx);
+                let printed = e.to_string();
+                let again = parse(&printed).expect("printed form parses");
+                prop_assert_eq!(again.to_string(), printed);
+            }
+        }
     }
 }

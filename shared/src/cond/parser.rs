@@ -147,10 +147,7 @@ impl<'a> Parser<'a> {
             Tok::Bang => {
                 self.advance()?;
                 let inner = self.expression(PREFIX)?;
-                return self.node(
-                    pos,
-                    Kind::Not(Box::new(inner)),
-                );
+                return self.node(pos, Kind::Not(Box::new(inner)));
             }
             Tok::LParen => {
                 self.advance()?;
@@ -160,10 +157,7 @@ impl<'a> Parser<'a> {
             }
             Tok::LBracket => {
                 let items = self.list(&Tok::RBracket, "`,` or `]`")?;
-                return self.node(
-                    pos,
-                    Kind::Array(items),
-                );
+                return self.node(pos, Kind::Array(items));
             }
             other => {
                 return Err(err(format!("unexpected {}", describe(other)), pos));
@@ -210,10 +204,7 @@ impl<'a> Parser<'a> {
                     return Err(err("only a function name can be called", self.cur.pos));
                 };
                 let args = self.list(&Tok::RParen, "`,` or `)`")?;
-                return self.node(
-                    pos,
-                    Kind::Call { name, args },
-                );
+                return self.node(pos, Kind::Call { name, args });
             }
             _ => return Err(err("unexpected token", self.cur.pos)),
         };
@@ -254,7 +245,9 @@ mod tests {
     use super::*;
 
     fn p(src: &str) -> String {
-        parse(src).map(|n| n.to_string()).unwrap_or_else(|e| format!("ERR {}", e.message))
+        parse(src)
+            .map(|n| n.to_string())
+            .unwrap_or_else(|e| format!("ERR {}", e.message))
     }
 
     #[test]
@@ -270,7 +263,10 @@ mod tests {
             ),
             ("!a == b", "((!a) == b)"),
             ("a == b == c", "((a == b) == c)"),
-            ("[1, 'x', [\"y\"]] includes /z/i", "([1, 'x', [\"y\"]] includes /z/i)"),
+            (
+                "[1, 'x', [\"y\"]] includes /z/i",
+                "([1, 'x', [\"y\"]] includes /z/i)",
+            ),
             ("build.env('A', $b.c)", "build.env('A', $b.c)"),
             ("!!5", "(!(!5))"),
         ];
@@ -282,9 +278,21 @@ mod tests {
     #[test]
     fn parse_errors() {
         for src in [
-            "", "  // only a comment", "nope != == one", "a b", "(a", "[a,", "a ? b", "a.",
-            "a..b", "f(a b)", "99999999999999999999", "1 @> 2", "\"a\\777\"",
-            "x =~ /a/x", "x =~ /(?<=a)/",
+            "",
+            "  // only a comment",
+            "nope != == one",
+            "a b",
+            "(a",
+            "[a,",
+            "a ? b",
+            "a.",
+            "a..b",
+            "f(a b)",
+            "99999999999999999999",
+            "1 @> 2",
+            "\"a\\777\"",
+            "x =~ /a/x",
+            "x =~ /(?<=a)/",
         ] {
             assert!(parse(src).is_err(), "{src:?}");
         }

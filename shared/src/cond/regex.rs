@@ -155,9 +155,7 @@ fn is_quantifier_body(body: &[u8]) -> bool {
     let digits = |s: &[u8]| s.iter().all(u8::is_ascii_digit);
     match second {
         None => !first.is_empty() && digits(first),
-        Some(second) => {
-            digits(first) && digits(second) && !(first.is_empty() && second.is_empty())
-        }
+        Some(second) => digits(first) && digits(second) && !(first.is_empty() && second.is_empty()),
     }
 }
 
@@ -321,8 +319,20 @@ mod tests {
     #[test]
     fn rejected() {
         for p in [
-            "(?<=a)b", "(?<!a)b", "(?>a)", "a?+", "a*+", "a++", "a{1,3}+", "(?<n>x)", "(?P<n>x)",
-            "(?'n'x)", "(?(1)a|b)", "(a)\\1", "a(?=b)", "[a",
+            "(?<=a)b",
+            "(?<!a)b",
+            "(?>a)",
+            "a?+",
+            "a*+",
+            "a++",
+            "a{1,3}+",
+            "(?<n>x)",
+            "(?P<n>x)",
+            "(?'n'x)",
+            "(?(1)a|b)",
+            "(a)\\1",
+            "a(?=b)",
+            "[a",
         ] {
             assert!(RegexLit::compile(p, "").is_err(), "{p}");
         }

@@ -163,7 +163,10 @@ fn name_end(b: &[u8], from: usize) -> usize {
 /// The inside of `${...}`.
 fn parse_braced(body: &str) -> Result<Expansion, String> {
     let b = body.as_bytes();
-    if !b.first().is_some_and(|c| c.is_ascii_alphabetic() || *c == b'_') {
+    if !b
+        .first()
+        .is_some_and(|c| c.is_ascii_alphabetic() || *c == b'_')
+    {
         return Err(format!("bad substitution: ${{{body}}}"));
     }
     let end = name_end(b, 0);
@@ -254,7 +257,8 @@ fn parse_parts(s: &str, word: bool) -> Result<Template, String> {
             while j < b.len() && b[j] != c {
                 if b[j] == b'\\' && j + 1 < b.len() {
                     if c == b'"' {
-                        j = decode_escape(b, j + 1, &mut inner).ok_or("octal escape out of range")?;
+                        j = decode_escape(b, j + 1, &mut inner)
+                            .ok_or("octal escape out of range")?;
                         continue;
                     }
                     if b[j + 1] == b'\\' || b[j + 1] == b'\'' {
@@ -297,7 +301,11 @@ mod tests {
     }
 
     fn run(t: Result<Template, String>) -> Result<String, String> {
-        let env = M(HashMap::from([("branch", "main"), ("empty", ""), ("two", "2")]));
+        let env = M(HashMap::from([
+            ("branch", "main"),
+            ("empty", ""),
+            ("two", "2"),
+        ]));
         let mut out = String::new();
         t?.expand(&env, &mut out)?;
         Ok(out)
@@ -324,13 +332,23 @@ mod tests {
             ("${notset-${empty:-${branch}}}", "main"),
         ];
         for (src, want) in cases {
-            assert_eq!(run(Template::parse_token(src)), Ok(want.to_owned()), "{src}");
+            assert_eq!(
+                run(Template::parse_token(src)),
+                Ok(want.to_owned()),
+                "{src}"
+            );
         }
     }
 
     #[test]
     fn token_errors() {
-        for src in ["${notset:?}", "${notset?why}", "${branch:x}", "${1}", "${a%b}"] {
+        for src in [
+            "${notset:?}",
+            "${notset?why}",
+            "${branch:x}",
+            "${1}",
+            "${a%b}",
+        ] {
             assert!(run(Template::parse_token(src)).is_err(), "{src}");
         }
     }

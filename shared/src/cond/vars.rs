@@ -104,8 +104,7 @@ const PIPELINE_VARS: &[(&str, VarType)] = &[
     ("next_finished_build_exists", VarType::Bool),
 ];
 
-const ORGANIZATION_VARS: &[(&str, VarType)] =
-    &[("id", VarType::String), ("slug", VarType::String)];
+const ORGANIZATION_VARS: &[(&str, VarType)] = &[("id", VarType::String), ("slug", VarType::String)];
 
 const STEP_VARS: &[(&str, VarType)] = &[
     ("id", VarType::String),
@@ -220,7 +219,10 @@ impl Schema {
 
     /// Why `name` is not a variable here, for the validation message.
     pub(crate) fn unknown_message(&self, name: &str) -> String {
-        if self.buildkite && name.starts_with("step.") && STEP_VARS.iter().any(|(n, _)| name[5..] == **n) {
+        if self.buildkite
+            && name.starts_with("step.")
+            && STEP_VARS.iter().any(|(n, _)| name[5..] == **n)
+        {
             return format!("`{name}` is only available in step conditions and step notifications");
         }
         format!("`{name}` is not a variable")
@@ -339,11 +341,7 @@ pub(crate) fn env<'c>(schema: &Schema, ctx: &'c Context, name: &str) -> Option<C
 
 /// `Some(value)` when `name` is a built-in (whose value may be unset), `None` when it is not.
 #[allow(clippy::option_option)]
-fn builtin_env<'c>(
-    schema: &Schema,
-    ctx: &'c Context,
-    name: &str,
-) -> Option<Option<Cow<'c, str>>> {
+fn builtin_env<'c>(schema: &Schema, ctx: &'c Context, name: &str) -> Option<Option<Cow<'c, str>>> {
     let var = |n: &str| variable(schema, ctx, n);
     let only = |n: &str| ctx.context_only.get(n).unwrap_or(&Value::Null);
     let text = |v: Cow<'c, Value>| -> Option<Cow<'c, str>> {
@@ -371,9 +369,7 @@ fn builtin_env<'c>(
         "BUILDKITE_PIPELINE_ID" => text(var("pipeline.id")),
         "BUILDKITE_ORGANIZATION_SLUG" => text(var("organization.slug")),
         "BUILDKITE_PULL_REQUEST" => or(text(var("build.pull_request.id")), "false"),
-        "BUILDKITE_PULL_REQUEST_BASE_BRANCH" => {
-            or(text(var("build.pull_request.base_branch")), "")
-        }
+        "BUILDKITE_PULL_REQUEST_BASE_BRANCH" => or(text(var("build.pull_request.base_branch")), ""),
         "BUILDKITE_PULL_REQUEST_REPO" => or(text(var("build.pull_request.repository")), ""),
         "BUILDKITE_PULL_REQUEST_LABELS" => {
             let labels = var("build.pull_request.labels");
@@ -399,7 +395,9 @@ fn builtin_env<'c>(
         "BUILDKITE_MERGE_QUEUE_BASE_COMMIT" => text(var("build.merge_queue.base_commit")),
         "BUILDKITE_GIT_DIFF_BASE" => {
             if truthy(only("build.merge_queue.active")) {
-                let commit = truthy(only("pipeline.use_merge_queue_base_commit_for_git_diff_base"));
+                let commit = truthy(only(
+                    "pipeline.use_merge_queue_base_commit_for_git_diff_base",
+                ));
                 or(
                     text(var(if commit {
                         "build.merge_queue.base_commit"
@@ -412,15 +410,21 @@ fn builtin_env<'c>(
                 Some(Cow::Borrowed(""))
             }
         }
-        "BUILDKITE_TRIGGERED_FROM_BUILD_ID" => text(Cow::Borrowed(only("build.triggered_from.build_id"))),
+        "BUILDKITE_TRIGGERED_FROM_BUILD_ID" => {
+            text(Cow::Borrowed(only("build.triggered_from.build_id")))
+        }
         "BUILDKITE_TRIGGERED_FROM_BUILD_NUMBER" => {
             text(Cow::Borrowed(only("build.triggered_from.build_number")))
         }
-        "BUILDKITE_TRIGGERED_FROM_BUILD_PIPELINE_SLUG" => {
-            text(Cow::Borrowed(only("build.triggered_from.build_pipeline_slug")))
+        "BUILDKITE_TRIGGERED_FROM_BUILD_PIPELINE_SLUG" => text(Cow::Borrowed(only(
+            "build.triggered_from.build_pipeline_slug",
+        ))),
+        "BUILDKITE_TRIGGERED_FROM_BUILD_JOB_ID" => {
+            text(Cow::Borrowed(only("build.triggered_from.job_id")))
         }
-        "BUILDKITE_TRIGGERED_FROM_BUILD_JOB_ID" => text(Cow::Borrowed(only("build.triggered_from.job_id"))),
-        "BUILDKITE_REBUILT_FROM_BUILD_ID" => text(Cow::Borrowed(only("build.rebuilt_from.build_id"))),
+        "BUILDKITE_REBUILT_FROM_BUILD_ID" => {
+            text(Cow::Borrowed(only("build.rebuilt_from.build_id")))
+        }
         "BUILDKITE_REBUILT_FROM_BUILD_NUMBER" => {
             text(Cow::Borrowed(only("build.rebuilt_from.build_number")))
         }
@@ -446,7 +450,11 @@ fn suggest(input: &str) -> Option<&'static str> {
     if input.is_empty() {
         return None;
     }
-    let threshold = if input.chars().count() > 3 { 0.834 } else { 0.77 };
+    let threshold = if input.chars().count() > 3 {
+        0.834
+    } else {
+        0.77
+    };
     let mut candidates: Vec<(f64, &'static str)> = SUPPORTED_BUILDKITE_ENV
         .iter()
         .filter(|w| **w != input)
@@ -454,7 +462,7 @@ fn suggest(input: &str) -> Option<&'static str> {
         .filter(|(score, _)| *score >= threshold)
         .collect();
     candidates.sort_by(|a, b| b.0.total_cmp(&a.0));
-    let max_distance = (input.chars().count() + 3) / 4;
+    let max_distance = input.chars().count().div_ceil(4);
     candidates
         .into_iter()
         .find(|(_, w)| levenshtein(w, input) <= max_distance)
@@ -504,13 +512,9 @@ fn jaro_winkler(a: &str, b: &str) -> f64 {
         j += 1;
     }
     let m = matches as f64;
-    let jaro = (m / l.len() as f64 + m / r.len() as f64 + (m - transpositions as f64 / 2.0) / m) / 3.0;
-    let prefix = l
-        .iter()
-        .zip(&r)
-        .take(4)
-        .take_while(|(x, y)| x == y)
-        .count();
+    let jaro =
+        (m / l.len() as f64 + m / r.len() as f64 + (m - transpositions as f64 / 2.0) / m) / 3.0;
+    let prefix = l.iter().zip(&r).take(4).take_while(|(x, y)| x == y).count();
     jaro + prefix as f64 * 0.1 * (1.0 - jaro)
 }
 
