@@ -9,13 +9,17 @@
 //!   firings), on DynamoDB or on an embedded SQLite file, behind narrow traits.
 //! - [`secrets`]: reading secrets from AWS Secrets Manager at cold start.
 //! - [`telemetry`]: structured logging.
+//! - [`cond`]: Buildkite's conditional language (`if:` expressions and rule conditions).
+//! - [`interpolate`]: `${VAR}` expansion as `buildkite-agent pipeline upload` does it.
 
 pub mod bitbucket;
 pub mod bootstrap;
 pub mod buildkite;
+pub mod cond;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod interpolate;
 pub mod net;
 pub mod poll;
 pub mod release;

@@ -1,0 +1,342 @@
+//! Regex literals: Buildkite's accepted subset, checked the way its validator checks it, then
+//! translated to the `regex` crate's syntax and compiled once per expression.
+//!
+//! Rejected (parse errors, as Buildkite rejects them): lookbehind, atomic groups, possessive
+//! quantifiers, named captures and conditionals; any flag other than `i`. Matching is linear
+//! time (no backtracking), so there is no catastrophic case to time out. Backreferences and
+//! lookahead, which Buildkite's engine may accept, cannot be run in linear time and are rejected.
+//!
+//! Translation keeps Buildkite's meaning where the syntaxes differ: `\d`, `\w`, `\s`, `\h` and
+//! `\b` are ASCII, a `{` that does not start a valid `{n}`, `{n,}`, `{n,m}` or `{,m}` is a literal,
+//! and `\Z` is end of text or before a final newline.
+
+use std::fmt::Write as _;
+
+/// A compiled regex literal.
+#[derive(Debug, Clone)]
+pub(crate) struct RegexLit {
+    pub pattern: String,
+    pub flags: String,
+    pub re: regex::Regex,
+}
+
+impl RegexLit {
+    pub(crate) fn compile(pattern: &str, flags: &str) -> Result<Self, String> {
+        let mut case_insensitive = false;
+        for f in flags.chars() {
+            match f {
+                'i' => case_insensitive = true,
+                other => return Err(format!("unsupported regexp flag: {other}")),
+            }
+        }
+        validate(pattern)?;
+        let translated = translate(pattern);
+        let re = regex::RegexBuilder::new(&translated)
+            .case_insensitive(case_insensitive)
+            .size_limit(1 << 20)
+            .dfa_size_limit(1 << 20)
+            .nest_limit(64)
+            .build()
+            .map_err(|e| match e {
+                regex::Error::Syntax(s) => format!(
+                    "could not parse regexp: {}",
+                    s.lines().last().unwrap_or("invalid syntax")
+                ),
+                regex::Error::CompiledTooBig(_) => "regexp is too large".to_owned(),
+                _ => "could not parse regexp".to_owned(),
+            })?;
+        Ok(Self {
+            pattern: pattern.to_owned(),
+            flags: flags.to_owned(),
+            re,
+        })
+    }
+}
+
+fn unsupported(feature: &str) -> Result<(), String> {
+    Err(format!("unsupported regexp feature: {feature}"))
+}
+
+/// Buildkite's validator: walks the pattern outside character classes, honouring escapes.
+pub(crate) fn validate(pattern: &str) -> Result<(), String> {
+    let b = pattern.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        if c == b'\\' {
+            i += 2;
+            continue;
+        }
+        if c == b'[' {
+            i = class_end(b, i);
+            continue;
+        }
+        let rest = &b[i..];
+        if rest.starts_with(b"(?#") {
+            match rest.iter().position(|&x| x == b')') {
+                Some(p) => {
+                    i += p + 1;
+                    continue;
+                }
+                None => return Ok(()),
+            }
+        }
+        if rest.starts_with(b"(?<=") {
+            return unsupported("lookbehind");
+        }
+        if rest.starts_with(b"(?<!") {
+            return unsupported("negative lookbehind");
+        }
+        if rest.starts_with(b"(?>") {
+            return unsupported("atomic group");
+        }
+        if rest.starts_with(b"(?<") || rest.starts_with(b"(?P<") || rest.starts_with(b"(?'") {
+            return unsupported("named capture");
+        }
+        if rest.starts_with(b"(?(") {
+            return unsupported("conditional");
+        }
+        if b.get(i + 1) == Some(&b'+') {
+            match c {
+                b'?' | b'*' | b'+' => return unsupported("possessive quantifier"),
+                b'}' if bounded_quantifier_ends_at(b, i) => {
+                    return unsupported("possessive quantifier");
+                }
+                _ => {}
+            }
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
+/// Given `b[open] == b'['`, the index just past the class's closing `]` (or the end). A `]` right
+/// after `[` or `[^` is literal; `[:alpha:]`, `[.x.]`, `[=x=]` sets are skipped whole.
+fn class_end(b: &[u8], open: usize) -> usize {
+    let mut i = open + 1;
+    if b.get(i) == Some(&b'^') {
+        i += 1;
+    }
+    if b.get(i) == Some(&b']') {
+        i += 1;
+    }
+    while i < b.len() {
+        match b[i] {
+            b'\\' => i += 2,
+            b'[' if matches!(b.get(i + 1), Some(b':' | b'.' | b'=')) => {
+                let marker = b[i + 1];
+                let mut j = i + 2;
+                while j + 1 < b.len() && !(b[j] == marker && b[j + 1] == b']') {
+                    j += 1;
+                }
+                i = if j + 1 < b.len() { j + 2 } else { i + 1 };
+            }
+            b'[' => i = class_end(b, i),
+            b']' => return i + 1,
+            _ => i += 1,
+        }
+    }
+    b.len()
+}
+
+fn bounded_quantifier_ends_at(b: &[u8], close: usize) -> bool {
+    let Some(open) = b[..close].iter().rposition(|&c| c == b'{') else {
+        return false;
+    };
+    let backslashes = b[..open].iter().rev().take_while(|&&c| c == b'\\').count();
+    backslashes % 2 == 0 && is_quantifier_body(&b[open + 1..close])
+}
+
+/// `n`, `n,`, `n,m` or `,m`.
+fn is_quantifier_body(body: &[u8]) -> bool {
+    let mut parts = body.splitn(2, |&c| c == b',');
+    let first = parts.next().unwrap_or_default();
+    let second = parts.next();
+    let digits = |s: &[u8]| s.iter().all(u8::is_ascii_digit);
+    match second {
+        None => !first.is_empty() && digits(first),
+        Some(second) => digits(first) && digits(second) && !(first.is_empty() && second.is_empty()),
+    }
+}
+
+/// Rewrites Buildkite (Onigmo/RE2-style) syntax into the `regex` crate's.
+fn translate(pattern: &str) -> String {
+    let b = pattern.as_bytes();
+    let mut out = String::with_capacity(pattern.len() + 8);
+    let mut i = 0;
+    let mut class_depth = 0usize;
+    while i < pattern.len() {
+        let c = b[i];
+        if c == b'\\' {
+            let Some(next) = pattern[i + 1..].chars().next() else {
+                out.push_str("\\\\");
+                break;
+            };
+            let ascii = match next {
+                'd' => Some("[0-9]"),
+                'D' => Some("[^0-9]"),
+                'w' => Some("[0-9A-Za-z_]"),
+                'W' => Some("[^0-9A-Za-z_]"),
+                's' => Some("[\\t\\n\\x0B\\f\\r ]"),
+                'S' => Some("[^\\t\\n\\x0B\\f\\r ]"),
+                'h' => Some("[0-9a-fA-F]"),
+                'H' => Some("[^0-9a-fA-F]"),
+                _ => None,
+            };
+            match (ascii, next) {
+                (Some(set), _) => out.push_str(set),
+                (None, 'b') if class_depth == 0 => out.push_str("(?-u:\\b)"),
+                (None, 'B') if class_depth == 0 => out.push_str("(?-u:\\B)"),
+                (None, 'Z') if class_depth == 0 => out.push_str("(?:\\n?\\z)"),
+                (None, '/') => out.push('/'),
+                // An escaped non-alphanumeric character is itself, whatever it is.
+                (None, c) if !c.is_ascii_alphanumeric() => {
+                    out.push_str(&regex::escape(c.encode_utf8(&mut [0; 4])));
+                }
+                (None, c) => {
+                    out.push('\\');
+                    out.push(c);
+                }
+            }
+            i += 1 + next.len_utf8();
+            continue;
+        }
+        if class_depth > 0 {
+            match c {
+                b'[' if matches!(b.get(i + 1), Some(b':')) => {
+                    // POSIX set: copy through to its closing `:]`.
+                    if let Some(end) = pattern[i + 2..].find(":]") {
+                        out.push_str(&pattern[i..i + 2 + end + 2]);
+                        i += 2 + end + 2;
+                        continue;
+                    }
+                    out.push_str("\\[");
+                }
+                b'[' => {
+                    class_depth += 1;
+                    out.push('[');
+                    i += 1;
+                    i += class_leading(b, i, &mut out);
+                    continue;
+                }
+                b']' => {
+                    class_depth -= 1;
+                    out.push(']');
+                }
+                // Literal inside a class for Buildkite, but an operator for the `regex` crate.
+                b'&' | b'~' | b'-' if b.get(i + 1) == Some(&c) => {
+                    let _ = write!(out, "\\{}", c as char);
+                }
+                _ => {
+                    let ch = pattern[i..].chars().next().unwrap_or('?');
+                    out.push(ch);
+                    i += ch.len_utf8();
+                    continue;
+                }
+            }
+            i += 1;
+            continue;
+        }
+        match c {
+            b'[' => {
+                class_depth = 1;
+                out.push('[');
+                i += 1;
+                i += class_leading(b, i, &mut out);
+                continue;
+            }
+            b'{' => {
+                let close = b[i + 1..].iter().position(|&x| x == b'}');
+                match close {
+                    Some(p) if i > 0 && is_quantifier_body(&b[i + 1..i + 1 + p]) => {
+                        let body = &pattern[i + 1..i + 1 + p];
+                        if let Some(max) = body.strip_prefix(',') {
+                            let _ = write!(out, "{{0,{max}}}");
+                        } else {
+                            let _ = write!(out, "{{{body}}}");
+                        }
+                        i += p + 2;
+                        continue;
+                    }
+                    _ => out.push_str("\\{"),
+                }
+            }
+            b'}' => out.push_str("\\}"),
+            _ => {
+                let ch = pattern[i..].chars().next().unwrap_or('?');
+                out.push(ch);
+                i += ch.len_utf8();
+                continue;
+            }
+        }
+        i += 1;
+    }
+    // An unclosed class is a syntax error in both flavours; leave it for the compiler to report.
+    out
+}
+
+/// After a `[`: copies a leading `^` and a leading literal `]`, returns bytes consumed.
+fn class_leading(b: &[u8], at: usize, out: &mut String) -> usize {
+    let mut n = 0;
+    if b.get(at) == Some(&b'^') {
+        out.push('^');
+        n += 1;
+    }
+    if b.get(at + n) == Some(&b']') {
+        out.push_str("\\]");
+        n += 1;
+    }
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(pattern: &str, flags: &str, hay: &str) -> bool {
+        RegexLit::compile(pattern, flags).unwrap().re.is_match(hay)
+    }
+
+    #[test]
+    fn accepted_and_matching() {
+        assert!(m(r"^features\/", "", "features/api"));
+        assert!(m(r"fee\$", "", "fee$"));
+        assert!(!m(r"fee\$", "", "fee"));
+        assert!(m(r"^v[[:digit:]]+$", "", "v123"));
+        assert!(m(r"\[skip tests\]", "i", "[SKIP TESTS] please"));
+        assert!(m(r"}+", "", "}}}"));
+        assert!(m(r"[](?<=]", "", "]"));
+        assert!(m(r"\(\?<=a\)", "", "(?<=a)"));
+        assert!(m(r"a{,2}b", "", "aab"));
+        assert!(m(r"a{x", "", "a{x"));
+        assert!(m(r"^\d+$", "", "123"));
+        assert!(!m(r"^\d+$", "", "١٢٣"));
+        assert!(m(r"x\Z", "", "x\n"));
+        assert!(m(r"^(main$|release\/.*$)", "", "release/foo"));
+        assert!(m(r"[a&&b]", "", "&"));
+    }
+
+    #[test]
+    fn rejected() {
+        for p in [
+            "(?<=a)b",
+            "(?<!a)b",
+            "(?>a)",
+            "a?+",
+            "a*+",
+            "a++",
+            "a{1,3}+",
+            "(?<n>x)",
+            "(?P<n>x)",
+            "(?'n'x)",
+            "(?(1)a|b)",
+            "(a)\\1",
+            "a(?=b)",
+            "[a",
+        ] {
+            assert!(RegexLit::compile(p, "").is_err(), "{p}");
+        }
+        assert!(RegexLit::compile("a", "x").is_err());
+        assert!(RegexLit::compile("a", "m").is_err());
+    }
+}
