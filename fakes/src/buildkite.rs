@@ -1292,20 +1292,20 @@ impl ListQuery {
             return false;
         }
         if let Some(t) = self.finished_from
-            && !b.finished_at.is_some_and(|f| f >= t)
+            && b.finished_at.is_none_or(|f| f < t)
         {
             return false;
         }
-        if !self.states.is_empty()
-            && !self.states.contains(&b.state)
-            && !(self.want_blocked && b.blocked)
-        {
+        let state_ok = self.states.is_empty()
+            || self.states.contains(&b.state)
+            || (self.want_blocked && b.blocked);
+        if !state_ok {
             return false;
         }
         if !self.branches.is_empty() && !self.branches.iter().any(|p| glob(p, &b.branch)) {
             return false;
         }
-        if !self.commits.is_empty() && !self.commits.iter().any(|c| *c == b.commit) {
+        if !self.commits.is_empty() && !self.commits.contains(&b.commit) {
             return false;
         }
         if let Some(c) = &self.creator
