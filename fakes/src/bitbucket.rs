@@ -899,7 +899,7 @@ impl Inner {
                 })
             })
             .collect();
-        let is_last = start + values.len() >= total;
+        let is_last = start.saturating_add(values.len()) >= total;
         let mut page = json!({
             "size": values.len(),
             "limit": limit,
@@ -908,7 +908,10 @@ impl Inner {
             "values": values,
         });
         if !is_last && let Some(obj) = page.as_object_mut() {
-            obj.insert("nextPageStart".to_owned(), json!(start + limit));
+            obj.insert(
+                "nextPageStart".to_owned(),
+                json!(start.saturating_add(limit)),
+            );
         }
         axum::Json(page).into_response()
     }
@@ -1257,13 +1260,13 @@ impl Inner {
         let page = get("page", 1).max(1);
         let values: Vec<Value> = entries
             .iter()
-            .skip((page - 1) * pagelen)
+            .skip((page - 1).saturating_mul(pagelen))
             .take(pagelen)
             .map(|(f, l)| self.cloud_json(ws, repo, f, l))
             .collect();
         let mut body =
             json!({"pagelen": pagelen, "size": entries.len(), "page": page, "values": values});
-        if page * pagelen < entries.len()
+        if page.saturating_mul(pagelen) < entries.len()
             && let Some(obj) = body.as_object_mut()
         {
             obj.insert(
@@ -1271,7 +1274,7 @@ impl Inner {
                 json!(format!(
                     "{}/2.0/repositories/{ws}/{repo}/commit/{commit}/statuses?pagelen={pagelen}&page={}",
                     self.base,
-                    page + 1
+                    page.saturating_add(1)
                 )),
             );
         }

@@ -708,18 +708,14 @@ fn sorted_position(store: &Store, created: DateTime<Utc>, handle: usize) -> usiz
     })
 }
 
-fn insert_build(store: &mut Store, mut build: Build, now: DateTime<Utc>) -> Build {
+/// Store a build; `None` if its pipeline does not exist.
+fn try_insert_build(store: &mut Store, mut build: Build, now: DateTime<Utc>) -> Option<Build> {
     let key = (build.org.clone(), build.pipeline.clone());
-    let Some(entry) = store.pipelines.get_mut(&key) else {
-        panic!(
-            "FakeBuildkite::add_build: pipeline {}/{} was not added (add_pipeline first)",
-            build.org, build.pipeline
-        );
-    };
+    let entry = store.pipelines.get_mut(&key)?;
     if build.number == 0 {
         build.number = entry.next_number;
     }
-    entry.next_number = entry.next_number.max(build.number + 1);
+    entry.next_number = entry.next_number.max(build.number.saturating_add(1));
     if build.id.is_empty() {
         build.id = uuid::Uuid::new_v4().to_string();
     }
@@ -733,7 +729,18 @@ fn insert_build(store: &mut Store, mut build: Build, now: DateTime<Utc>) -> Buil
     store.builds.push(build.clone());
     let pos = sorted_position(store, created, handle);
     store.order.insert(pos, handle);
-    build
+    Some(build)
+}
+
+/// Store a build added through the control API; a missing pipeline is a mistake in the test.
+fn insert_build(store: &mut Store, build: Build, now: DateTime<Utc>) -> Build {
+    let (org, pipeline) = (build.org.clone(), build.pipeline.clone());
+    match try_insert_build(store, build, now) {
+        Some(b) => b,
+        None => panic!(
+            "FakeBuildkite::add_build: pipeline {org}/{pipeline} was not added (add_pipeline first)"
+        ),
+    }
 }
 
 fn graphql_id(kind: &str, id: &str) -> String {
@@ -1574,7 +1581,9 @@ impl Inner {
             ..Build::new(org, slug, commit, branch)
         };
         let mut store = lock(&self.store);
-        let stored = insert_build(&mut store, build, Utc::now());
+        let Some(stored) = try_insert_build(&mut store, build, Utc::now()) else {
+            return message(StatusCode::NOT_FOUND, "No pipeline found");
+        };
         if let Some(&h) =
             store
                 .by_number

@@ -328,9 +328,9 @@ macro_rules! harness_controls {
             /// Play `fault` instead of answering every request that arrives during `duration`
             /// from now.
             pub fn inject_fault_for(&self, fault: $crate::Fault, duration: std::time::Duration) {
-                self.server
-                    .harness
-                    .inject(fault, None, Some(std::time::Instant::now() + duration))
+                // A duration too long to represent means "until cleared".
+                let until = std::time::Instant::now().checked_add(duration);
+                self.server.harness.inject(fault, None, until)
             }
 
             /// Remove every injected fault.

@@ -178,3 +178,129 @@ async fn latency_is_added_to_every_answer() {
     bb.clear_requests();
     assert!(bb.requests().is_empty());
 }
+
+/// Odd input gets the API's error answer (a panic would drop the connection instead).
+#[tokio::test]
+async fn bad_input_gets_error_answers_not_panics() {
+    let bk = FakeBuildkite::start(FakeBuildkiteOptions::default()).await;
+    bk.add_pipeline(Pipeline::new("acme-inc", "web", "Web", "git@x:y/web.git"));
+    let base = format!("{}/v2/organizations/acme-inc", bk.url());
+    for q in [
+        "page=18446744073709551615",
+        "page=99999999999999999999999",
+        "per_page=%FF",
+        "created_from=%FF%FE",
+        "state[]=",
+        "meta_data[=x",
+        "branch=%00",
+    ] {
+        let r = client()
+            .get(format!("{base}/builds?{q}"))
+            .bearer_auth(DEFAULT_BUILDKITE_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().as_u16() < 500, "{q}: {}", r.status());
+    }
+    for path in [
+        "/pipelines/web/builds/-1",
+        "/pipelines/web/builds/99999999999999999999999",
+        "/pipelines/web/builds/%FF",
+    ] {
+        let r = client()
+            .get(format!("{base}{path}"))
+            .bearer_auth(DEFAULT_BUILDKITE_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404, "{path}");
+    }
+    for body in [
+        "",
+        "[]",
+        "null",
+        "\u{0}",
+        "{\"commit\": 1, \"branch\": [\"x\"]}",
+        "{\"commit\":\"a\",\"branch\":\"b\",\"env\":[]}",
+    ] {
+        let r = client()
+            .post(format!("{base}/pipelines/web/builds"))
+            .bearer_auth(DEFAULT_BUILDKITE_TOKEN)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            r.status() == 400 || r.status() == 422,
+            "{body:?}: {}",
+            r.status()
+        );
+    }
+
+    for flavour in [
+        BitbucketFlavour::DataCenter {
+            version: "8.19.0".into(),
+            cancelled_status: true,
+        },
+        BitbucketFlavour::Cloud,
+    ] {
+        let bb = FakeBitbucket::start(FakeBitbucketOptions::with_flavour(flavour)).await;
+        bb.add_repository("p", "r");
+        let paths = [
+            format!("/rest/build-status/1.0/commits/{SHA}"),
+            format!("/rest/api/latest/projects/P/repos/r/commits/{SHA}/builds"),
+            format!("/2.0/repositories/p/r/commit/{SHA}/statuses/build"),
+        ];
+        for path in &paths {
+            for body in [
+                "",
+                "[]",
+                "{\"state\": 1, \"key\": {}, \"url\": null}",
+                "{\"testResults\": 5}",
+            ] {
+                let r = client()
+                    .post(format!("{}{path}", bb.url()))
+                    .bearer_auth(DEFAULT_BITBUCKET_TOKEN)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                    .unwrap();
+                assert!(
+                    matches!(r.status().as_u16(), 400 | 404),
+                    "{path} {body:?}: {}",
+                    r.status()
+                );
+            }
+        }
+        let r = client()
+            .get(format!(
+                "{}/rest/build-status/1.0/commits/{SHA}?start=18446744073709551615&limit=5",
+                bb.url()
+            ))
+            .bearer_auth(DEFAULT_BITBUCKET_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().as_u16() < 500);
+        let r = client()
+            .get(format!(
+                "{}/2.0/repositories/p/r/commit/{SHA}/statuses?page=18446744073709551615",
+                bb.url()
+            ))
+            .bearer_auth(DEFAULT_BITBUCKET_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().as_u16() < 500);
+        // Garbage credentials.
+        let r = client()
+            .get(format!("{}/rest/api/latest/build/capabilities", bb.url()))
+            .header("authorization", "Basic %%%not-base64")
+            .send()
+            .await
+            .unwrap();
+        assert!(matches!(r.status().as_u16(), 401 | 404));
+    }
+}
