@@ -1,0 +1,71 @@
+//! kitebridge-fakes: **simulations** of Buildkite's REST API and webhooks and of Bitbucket's
+//! build-status APIs, served on 127.0.0.1 for kitebridge's integration tests, benchmarks and
+//! newcomer sandbox.
+//!
+//! These are not Buildkite or Bitbucket. They are small in-memory servers that play the parts
+//! of the public APIs kitebridge uses and enforce the rules documented for them (see
+//! `shared/reference/buildkite.md` §1–2 and `shared/reference/bitbucket.md` §2), so that a client
+//! that breaks one of those rules fails its test here instead of in production. Anything the
+//! documentation does not pin down is chosen and said so on the item concerned.
+//!
+//! - [`FakeBuildkite`]: `GET /v2/organizations/{org}/builds`,
+//!   `GET|POST /v2/organizations/{org}/pipelines/{slug}/builds`,
+//!   `GET .../builds/{number}`, `GET .../pipelines/{slug}`, `GET /v2/access-token`.
+//!   Enforced: Bearer token (401) and its scopes (403); unknown organization or pipeline (404);
+//!   newest-created-first order; filters `created_from`, `created_to` (exclusive),
+//!   `finished_from` (ISO 8601, 422 when unparseable), `state`/`state[]` (incl. `finished`;
+//!   unknown values 422), `branch`/`branch[]` (`*` wildcards), `commit`/`commit[]` (exact, so
+//!   short SHAs match nothing), `creator`, `meta_data[k]`; `exclude_jobs`, `exclude_pipeline`;
+//!   `page` and `per_page` (default 30, above 100 refused with 400) with a `Link` header
+//!   (`next`, `last`, `first`, `prev`, absolute URLs keeping the query); the organization rate
+//!   limit per window (and optionally the per-user one) with `RateLimit-*` headers on every
+//!   authenticated answer and Buildkite's 429 body; build creation (201, 422
+//!   `Validation Failed` without `commit`/`branch`, 404 unknown pipeline).
+//! - [`WebhookDelivery`] / [`deliver_webhook`]: Buildkite webhook requests shaped like the real
+//!   ones (`event`, `build` without jobs, `pipeline`, `sender`), with `X-Buildkite-Event` and
+//!   either `X-Buildkite-Token` or `X-Buildkite-Signature`.
+//! - [`FakeBitbucket`]: Server (legacy endpoint only), Data Center (legacy, repository-scoped
+//!   from 7.4, capabilities) or Cloud (2.0 commit statuses). Enforced: Basic / Bearer
+//!   credentials (401), access tokens Bearer-only; required fields, state values per API,
+//!   field limits (255, `url` 450, Cloud `key` 40), full 40-hex commit SHA, fully qualified
+//!   `ref`, registered repositories (404; DC project keys case-insensitive), JSON content type
+//!   on Server/DC (415); same key on the same commit (and repository) replaces the status;
+//!   optional per-user token-bucket rate limit with 429 and `Retry-After`.
+//!
+//! Both fakes log every request ([`RequestRecord`]), can add latency to every answer, and can
+//! play [`Fault`]s (5xx, 429, hangs, dropped connections) for the next N requests or for a
+//! while. Nothing here talks to anything but loopback.
+//!
+//! ```no_run
+//! # async fn demo() {
+//! use kitebridge_fakes::*;
+//! let bk = FakeBuildkite::start(FakeBuildkiteOptions::default()).await;
+//! bk.add_pipeline(Pipeline::new("acme-inc", "web", "Web", "ssh://git@bb:7999/proj/web.git"));
+//! bk.add_build(Build::new("acme-inc", "web", "4e1f0c9b7a2d3e5f6a8b9c0d1e2f3a4b5c6d7e8f", "main")
+//!     .with_state(BuildState::Passed));
+//! let bb = FakeBitbucket::start(FakeBitbucketOptions::default()).await;
+//! bb.add_repository("PROJ", "web");
+//! // point the client under test at bk.url() and bb.url() ...
+//! # }
+//! ```
+
+#![warn(missing_docs)]
+// Handlers return the API's error answer as `Err(Response)`; boxing it would only add noise.
+#![allow(clippy::result_large_err)]
+
+mod bitbucket;
+mod buildkite;
+mod common;
+mod webhook;
+
+pub use bitbucket::{
+    BitbucketFlavour, Credential, DEFAULT_BITBUCKET_PASSWORD, DEFAULT_BITBUCKET_TOKEN,
+    DEFAULT_BITBUCKET_USER, FakeBitbucket, FakeBitbucketOptions, LengthUnit, PostedStatus,
+    StatusScope, TokenBucket,
+};
+pub use buildkite::{
+    ApiToken, Build, BuildState, DEFAULT_BUILDKITE_TOKEN, DEFAULT_ORGANIZATION, DEFAULT_PER_PAGE,
+    FakeBuildkite, FakeBuildkiteOptions, MAX_PER_PAGE, Pipeline,
+};
+pub use common::{Fault, RequestRecord};
+pub use webhook::{WebhookAuth, WebhookDelivery, WebhookEvent, deliver_webhook, sign_webhook};
