@@ -9,6 +9,7 @@ use crate::bitbucket::BitbucketClient;
 use crate::config::{Config, Role};
 use crate::http::AppState;
 use crate::net::RetryPolicy;
+use crate::observe::BuildObserver;
 use crate::poll::Poller;
 use crate::report::Reporter;
 use crate::store::{DynamoKv, SqliteKv, Store};
@@ -61,6 +62,8 @@ pub fn app_state(config: Config, store: Store) -> Result<AppState, Error> {
         });
         Reporter::new(ledger.clone(), Arc::new(quick), config.post_concurrency)
     });
+    // Release tracking and trigger rules register here.
+    let observers: Vec<Arc<dyn BuildObserver>> = Vec::new();
     let poller = match (&bitbucket, poll_reporter) {
         (Some(b), Some(reporter)) => Poller::from_config(
             &config,
@@ -68,7 +71,8 @@ pub fn app_state(config: Config, store: Store) -> Result<AppState, Error> {
             Arc::new(store.clone()),
             reporter,
             b.clone(),
-        ),
+        )
+        .map(|p| p.with_observers(observers.clone())),
         _ => None,
     };
     Ok(AppState {
@@ -78,5 +82,6 @@ pub fn app_state(config: Config, store: Store) -> Result<AppState, Error> {
         bitbucket,
         poller,
         webhook_reporter,
+        observers,
     })
 }

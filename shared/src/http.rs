@@ -12,6 +12,7 @@ use serde_json::json;
 
 use crate::bitbucket::BitbucketClient;
 use crate::config::Config;
+use crate::observe::BuildObserver;
 use crate::poll::Poller;
 use crate::report::Reporter;
 use crate::store::Store;
@@ -26,6 +27,8 @@ pub struct AppState {
     pub poller: Option<Poller>,
     /// The reporter webhooks use: short retries, then the outbox.
     pub webhook_reporter: Option<Reporter>,
+    /// Release tracking and trigger rules: every build seen goes to each.
+    pub observers: Vec<Arc<dyn BuildObserver>>,
 }
 
 /// The router with every route kitebridge serves.

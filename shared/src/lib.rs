@@ -21,6 +21,7 @@ pub mod error;
 pub mod http;
 pub mod interpolate;
 pub mod net;
+pub mod observe;
 pub mod poll;
 pub mod release;
 pub mod report;

@@ -21,12 +21,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use futures::stream::{self, StreamExt};
 use serde::Serialize;
 
 use crate::bitbucket::BitbucketClient;
 use crate::buildkite::client::{BuildFilter, BuildkiteClient, BuildkiteError};
 use crate::buildkite::model::Build;
 use crate::config::{Config, DmsConfig, join_url};
+use crate::observe::{BuildObserver, ObserveError, observe_all};
 use crate::report::{Reporter, Tally, status_record};
 use crate::store::{CursorStore, StatusRecord, StoreError};
 
@@ -45,6 +47,8 @@ pub enum PollError {
     Store(#[from] StoreError),
     #[error("Bitbucket: {0}")]
     Bitbucket(String),
+    #[error("{0}")]
+    Observer(ObserveError),
 }
 
 /// The cycle's summary, logged as one structured line.
@@ -78,6 +82,7 @@ pub struct Poller {
     pub cursors: Arc<dyn CursorStore>,
     pub reporter: Reporter,
     pub dms: Option<(reqwest::Client, DmsConfig)>,
+    pub observers: Vec<Arc<dyn BuildObserver>>,
 }
 
 impl Poller {
@@ -97,7 +102,13 @@ impl Poller {
             cursors,
             reporter,
             dms: config.dms.clone().map(|d| (http, d)),
+            observers: Vec::new(),
         })
+    }
+
+    pub fn with_observers(mut self, observers: Vec<Arc<dyn BuildObserver>>) -> Self {
+        self.observers = observers;
+        self
     }
 
     /// Runs one cycle. `Ok` only when every organization was polled and reported and the
@@ -172,8 +183,19 @@ impl Poller {
         let api = self.bitbucket.api().await.map_err(|e| {
             PollError::Bitbucket(format!("cannot tell which build-status API to use: {e}"))
         })?;
+        let builds: Vec<Build> = created.builds.into_iter().chain(finished.builds).collect();
+        if !self.observers.is_empty() {
+            let results: Vec<Result<(), ObserveError>> = stream::iter(&builds)
+                .map(|b| observe_all(&self.observers, org, b, b.pipeline.as_ref()))
+                .buffer_unordered(8)
+                .collect()
+                .await;
+            if let Some(e) = results.into_iter().find_map(Result::err) {
+                return Err(PollError::Observer(e));
+            }
+        }
         let mut statuses: HashMap<String, StatusRecord> = HashMap::new();
-        for build in created.builds.into_iter().chain(finished.builds) {
+        for build in builds {
             summary.builds_seen += 1;
             match status_record(&build, None, Some(org), &api, self.bitbucket.base()) {
                 Ok(record) => {
