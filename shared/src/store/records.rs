@@ -31,7 +31,7 @@ pub struct Page<T> {
 /// How many times a read-decide-write loop retries after losing a compare-and-set before it
 /// reports the conflict. Each loss means another writer made progress, so this bounds only
 /// pathological contention.
-const CAS_ATTEMPTS: usize = 16;
+pub(super) const CAS_ATTEMPTS: usize = 16;
 
 const DAY: i64 = 86_400;
 const STATUS_TTL: i64 = 90 * DAY;
@@ -334,7 +334,7 @@ impl Store {
     }
 }
 
-fn decode<T: DeserializeOwned>(item: &Item) -> Result<Versioned<T>> {
+pub(super) fn decode<T: DeserializeOwned>(item: &Item) -> Result<Versioned<T>> {
     let value = serde_json::from_str(&item.doc).map_err(|e| StoreError::Corrupt {
         pk: item.pk.clone(),
         sk: item.sk.clone(),
@@ -372,7 +372,7 @@ fn put<T: Serialize>(
 }
 
 /// The condition for writing over what was read: its rev, or absence if nothing was read.
-fn over(read_rev: Option<u64>) -> (u64, Cond) {
+pub(super) fn over(read_rev: Option<u64>) -> (u64, Cond) {
     match read_rev {
         Some(rev) => (rev + 1, Cond::Rev(rev)),
         None => (1, Cond::Absent),
