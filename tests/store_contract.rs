@@ -400,8 +400,14 @@ async fn ledger_outbox_holds_what_is_not_delivered(kv: Kv) {
     let due = store.due(later, 10).await.unwrap();
     assert_eq!(due[0].attempts, 1);
     assert_eq!(due[0].last_error.as_deref(), Some("HTTP 503"));
-    // Until delivered, the same status is still to be posted (not "already reported").
+    // Until delivered, the same status is still to be posted (not "already reported"), by
+    // whoever holds it: the lease given above was 0 s, so it has run out and a retry takes over.
     assert_eq!(store.begin_report(&s, LEASE).await.unwrap(), Begin::Post);
+    // ... and while that retry's lease runs, a concurrent reporter stands back.
+    assert_eq!(
+        store.begin_report(&s, LEASE).await.unwrap(),
+        Begin::InFlight
+    );
     store.delivered(SHA, "acme/web", s.version).await.unwrap();
     assert!(store.due(later, 10).await.unwrap().is_empty());
 

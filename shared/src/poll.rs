@@ -224,6 +224,7 @@ impl Poller {
         summary.reported.posted += tally.posted;
         summary.reported.already_reported += tally.already_reported;
         summary.reported.superseded += tally.superseded;
+        summary.reported.in_flight += tally.in_flight;
         summary.reported.deferred += tally.deferred;
 
         let to =

@@ -60,6 +60,8 @@ pub enum Outcome {
     AlreadyReported,
     /// A newer status for the same commit and key is being delivered instead.
     Superseded,
+    /// Someone else is posting this very status right now.
+    InFlight,
     /// Not delivered now; kept in the outbox for a later attempt.
     Deferred { error: String },
 }
@@ -69,6 +71,7 @@ pub struct Tally {
     pub posted: u64,
     pub already_reported: u64,
     pub superseded: u64,
+    pub in_flight: u64,
     pub deferred: u64,
 }
 
@@ -78,6 +81,7 @@ impl Tally {
             Outcome::Posted => self.posted += 1,
             Outcome::AlreadyReported => self.already_reported += 1,
             Outcome::Superseded => self.superseded += 1,
+            Outcome::InFlight => self.in_flight += 1,
             Outcome::Deferred { .. } => self.deferred += 1,
         }
     }
@@ -126,6 +130,7 @@ impl Reporter {
         match self.ledger.begin_report(&status, self.lease).await? {
             Begin::AlreadyReported => Ok(Outcome::AlreadyReported),
             Begin::Superseded => Ok(Outcome::Superseded),
+            Begin::InFlight => Ok(Outcome::InFlight),
             Begin::Post => self.deliver(status, 0).await,
         }
     }

@@ -82,6 +82,8 @@ pub enum Begin {
     AlreadyReported,
     /// A newer version is wanted already; whoever recorded it delivers it.
     Superseded,
+    /// The same version is being posted right now by someone else (its lease has not run out).
+    InFlight,
 }
 
 /// A status waiting in the outbox.
@@ -434,6 +436,9 @@ struct StatusDoc {
     desired: StatusRecord,
     #[serde(default)]
     reported: Option<ReportedStatus>,
+    /// Until when the desired version's poster owns it (concurrent reporters stand back).
+    #[serde(default)]
+    leased_until: Option<DateTime<Utc>>,
 }
 
 fn status_pk(commit: &str) -> String {
@@ -459,21 +464,28 @@ impl StatusLedger for Store {
             if reported_version.is_some_and(|v| v >= status.version) {
                 return Ok(Begin::AlreadyReported);
             }
-            match current.as_ref().map(|c| c.value.desired.version) {
-                Some(v) if v > status.version => return Ok(Begin::Superseded),
-                // Wanted already and still undelivered: its outbox entry exists; posting again
-                // is harmless (same key, same state) and covers a caller that died.
-                Some(v) if v == status.version => return Ok(Begin::Post),
+            let now = Utc::now();
+            match current
+                .as_ref()
+                .map(|c| (c.value.desired.version, c.value.leased_until))
+            {
+                Some((v, _)) if v > status.version => return Ok(Begin::Superseded),
+                // Wanted already, undelivered, and its poster is still at it.
+                Some((v, Some(until))) if v == status.version && until > now => {
+                    return Ok(Begin::InFlight);
+                }
+                // Wanted already but the lease ran out (its poster died or gave up): take over.
                 _ => {}
             }
             let doc = StatusDoc {
                 desired: status.clone(),
                 reported: current.as_ref().and_then(|c| c.value.reported.clone()),
+                leased_until: Some(now + lease),
             };
             let pending = PendingStatus {
                 status: status.clone(),
                 attempts: 0,
-                next_attempt_at: Utc::now() + lease,
+                next_attempt_at: now + lease,
                 last_error: None,
             };
             let (rev, cond) = over(current.as_ref().map(|c| c.rev));
