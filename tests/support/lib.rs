@@ -126,3 +126,70 @@ pub async fn dynamodb() -> DynamoKv {
         .unwrap_or_else(|e| panic!("cannot create a table in the DynamoDB emulator: {e}"));
     kv
 }
+
+pub mod harness {
+    //! A kitebridge wired to fake Buildkite and Bitbucket servers on loopback, built through the
+    //! same start-up code the binaries use ([`kitebridge::bootstrap::app_state`]).
+
+    use std::collections::HashMap;
+
+    use kitebridge::config::Config;
+    use kitebridge::http::AppState;
+    use kitebridge::store::{SqliteKv, Store};
+    use kitebridge_fakes::*;
+
+    pub const ORG: &str = DEFAULT_ORGANIZATION;
+    pub const WEBHOOK_TOKEN: &str = "whk-test-token";
+    pub const API_TOKEN: &str = "api-test-token";
+
+    /// Environment variables for a kitebridge talking to these fakes.
+    pub fn env(bk: &FakeBuildkite, bb: &FakeBitbucket) -> HashMap<String, String> {
+        HashMap::from(
+            [
+                ("BUILDKITE_API_URL", bk.url()),
+                ("BUILDKITE_API_TOKEN", DEFAULT_BUILDKITE_TOKEN.to_string()),
+                ("BUILDKITE_ORGANIZATION", ORG.to_string()),
+                ("BUILDKITE_WEBHOOK_TOKEN", WEBHOOK_TOKEN.to_string()),
+                ("BITBUCKET_URL", bb.url()),
+                ("BITBUCKET_USERNAME", DEFAULT_BITBUCKET_USER.to_string()),
+                ("BITBUCKET_PASSWORD", DEFAULT_BITBUCKET_PASSWORD.to_string()),
+                ("KITEBRIDGE_API_TOKEN", API_TOKEN.to_string()),
+                ("KITEBRIDGE_HTTP_TIMEOUT", "2".to_string()),
+            ]
+            .map(|(k, v)| (k.to_string(), v)),
+        )
+    }
+
+    pub fn config(vars: &HashMap<String, String>) -> Config {
+        Config::from_lookup(|n| vars.get(n).cloned())
+            .unwrap_or_else(|e| panic!("test configuration: {e}"))
+    }
+
+    /// An app on an in-memory embedded store.
+    pub fn app(vars: &HashMap<String, String>) -> AppState {
+        app_on(
+            vars,
+            Store::new(SqliteKv::in_memory().unwrap_or_else(|e| panic!("sqlite: {e}"))),
+        )
+    }
+
+    pub fn app_on(vars: &HashMap<String, String>, store: Store) -> AppState {
+        kitebridge::bootstrap::app_state(config(vars), store)
+            .unwrap_or_else(|e| panic!("app state: {e}"))
+    }
+
+    /// A Data Center clone URL for the fake Bitbucket's host.
+    pub fn clone_url(bb: &FakeBitbucket, project: &str, repo: &str) -> String {
+        format!(
+            "ssh://git@{}:7999/{}/{}.git",
+            bb.addr().ip(),
+            project.to_lowercase(),
+            repo
+        )
+    }
+
+    /// A full SHA made from a number.
+    pub fn sha(n: u64) -> String {
+        format!("{n:040x}")
+    }
+}

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, SecondsFormat, Timelike, Utc};
 use futures::stream::{self, StreamExt, TryStreamExt};
 use reqwest::header::HeaderMap;
 use reqwest::{Client, Response};
@@ -47,14 +47,24 @@ pub struct BuildFilter {
 }
 
 impl BuildFilter {
+    /// Times go out in whole seconds (the documented form): lower bounds rounded down and the
+    /// exclusive upper bound rounded up, so truncation can only widen the window.
     fn query(&self) -> Vec<(&'static str, String)> {
         let t = |d: &DateTime<Utc>| d.to_rfc3339_opts(SecondsFormat::Secs, true);
+        let ceil = |d: &DateTime<Utc>| {
+            let whole = d.with_nanosecond(0).unwrap_or(*d);
+            if whole < *d {
+                whole + chrono::Duration::seconds(1)
+            } else {
+                whole
+            }
+        };
         let mut q = Vec::new();
         if let Some(d) = &self.created_from {
             q.push(("created_from", t(d)));
         }
         if let Some(d) = &self.created_to {
-            q.push(("created_to", t(d)));
+            q.push(("created_to", t(&ceil(d))));
         }
         if let Some(d) = &self.finished_from {
             q.push(("finished_from", t(d)));
