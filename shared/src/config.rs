@@ -309,7 +309,7 @@ impl Config {
             dms,
             store,
             api_token: p.secret_any(&["KITEBRIDGE_API_TOKEN"]),
-            post_concurrency: p.number("KITEBRIDGE_POST_CONCURRENCY", 16, 1..=256) as usize,
+            post_concurrency: p.number("KITEBRIDGE_POST_CONCURRENCY", 64, 1..=512) as usize,
             http_timeout: Duration::from_secs(p.number("KITEBRIDGE_HTTP_TIMEOUT", 10, 1..=300)),
             deployment_timeout: Duration::from_secs(
                 60 * p.number("KITEBRIDGE_DEPLOYMENT_TIMEOUT", 60, 1..=7 * 24 * 60),
