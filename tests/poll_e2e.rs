@@ -530,3 +530,55 @@ async fn poll_on_dynamodb() {
     assert_eq!(w.bb.posts().len(), 120);
     assert!(store.cursor(ORG).await.unwrap().is_some());
 }
+
+/// A stand-in for Dead Man's Snitch: counts `GET /{token}`.
+async fn snitch_server() -> (String, Arc<AtomicUsize>) {
+    use axum::{Router, extract::Path, routing::get};
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counter = hits.clone();
+    let app = Router::new().route(
+        "/{token}",
+        get(move |Path(token): Path<String>| {
+            let counter = counter.clone();
+            async move {
+                assert_eq!(token, "snitch-token");
+                counter.fetch_add(1, Ordering::SeqCst);
+                "Got it, thanks!"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, hits)
+}
+
+#[tokio::test]
+async fn heartbeat_only_after_a_cycle_that_succeeded() {
+    let mut w = world(data_center()).await;
+    let (url, hits) = snitch_server().await;
+    w.vars.insert("DMS_URL".into(), url);
+    w.vars.insert("DMS_SNITCH_ID".into(), "snitch-token".into());
+    w.bk.add_build(Build::new(ORG, "web", sha(1), "main").with_state(BuildState::Passed));
+    let p = poller(&w);
+    p.cycle().await.unwrap();
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+    assert!(p.last_success().is_some());
+
+    // A failed cycle does not ping.
+    w.bk.inject_fault_for(Fault::Status(500), Duration::from_secs(3600));
+    assert!(p.cycle().await.is_err());
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+
+    // A ping that fails never fails the cycle.
+    w.bk.clear_faults();
+    let mut w2 = world(data_center()).await;
+    w2.vars
+        .insert("DMS_URL".into(), "http://127.0.0.1:9".into());
+    w2.vars
+        .insert("DMS_SNITCH_ID".into(), "snitch-token".into());
+    poller(&w2)
+        .cycle()
+        .await
+        .expect("an unreachable snitch does not fail the cycle");
+}

@@ -75,16 +75,38 @@ async fn run(cli: Cli) -> Result<ExitCode, kitebridge::Error> {
             let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
                 kitebridge::Error::Startup(format!("cannot listen on {listen}: {e}"))
             })?;
-            tracing::info!(%listen, "kitebridge serving");
-            axum::serve(listener, kitebridge::http::router(state))
+            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            let poll_loop = tokio::spawn(kitebridge::serve::poll_loop(state.clone(), stop_rx));
+            let bound = listener.local_addr().unwrap_or(listen);
+            tracing::info!(listen = %bound, "kitebridge serving");
+            // Printed once the address is bound, so scripts and tests can wait for it.
+            println!("kitebridge listening on http://{bound}");
+            let served = axum::serve(listener, kitebridge::http::router(state))
                 .with_graceful_shutdown(shutdown_signal())
-                .await
-                .map_err(|e| kitebridge::Error::Startup(format!("server: {e}")))?;
+                .await;
+            // Requests in flight are answered; let the poll loop finish its cycle, then exit.
+            let _ = stop_tx.send(true);
+            let _ = poll_loop.await;
+            served.map_err(|e| kitebridge::Error::Startup(format!("server: {e}")))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Poll => {
-            eprintln!("kitebridge poll: the poll-and-report cycle is not built yet");
-            Ok(ExitCode::from(2))
+            let state = kitebridge::bootstrap::self_hosted(Role::Poller)?;
+            let Some(poller) = state.poller else {
+                return Err(kitebridge::Error::Startup(
+                    "the poller is not configured".into(),
+                ));
+            };
+            match poller.cycle().await {
+                Ok(summary) => {
+                    println!("{}", serde_json::to_string(&summary).unwrap_or_default());
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("kitebridge poll: {e}");
+                    Ok(ExitCode::from(1))
+                }
+            }
         }
         Command::Rules {
             command: RulesCommand::Check { .. },

@@ -192,12 +192,29 @@ impl Config {
     /// Reads the process environment, with the secret variables overlaid from the AWS Secrets
     /// Manager secret named by `KITEBRIDGE_SECRETS_ARN`, if set. Call once, at cold start.
     pub async fn from_env_and_secrets_manager() -> Result<Config, crate::Error> {
-        let mut vars: HashMap<String, String> = std::env::vars().collect();
+        let vars: HashMap<String, String> = std::env::vars().collect();
+        if !vars
+            .get(SECRETS_ARN_VARIABLE)
+            .is_some_and(|v| !v.trim().is_empty())
+        {
+            return Ok(Config::from_lookup(|name| vars.get(name).cloned())?);
+        }
+        let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+        Config::from_vars_and_secret(vars, &aws_sdk_secretsmanager::Client::new(&sdk)).await
+    }
+
+    /// `vars`, with the secret variables overlaid from the Secrets Manager secret named by
+    /// `KITEBRIDGE_SECRETS_ARN` (if set), read through `client`.
+    pub async fn from_vars_and_secret(
+        mut vars: HashMap<String, String>,
+        client: &aws_sdk_secretsmanager::Client,
+    ) -> Result<Config, crate::Error> {
         if let Some(arn) = vars
             .get(SECRETS_ARN_VARIABLE)
-            .filter(|v| !v.trim().is_empty())
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
         {
-            let secret = crate::secrets::fetch_secret_string(arn.trim()).await?;
+            let secret = crate::secrets::fetch_with(client, &arn).await?;
             overlay_secrets(&mut vars, &secret)?;
         }
         Ok(Config::from_lookup(|name| vars.get(name).cloned())?)

@@ -48,14 +48,25 @@ pub fn error_response(status: StatusCode, error: &str, message: impl Into<String
         .into_response()
 }
 
+/// `GET /healthz`: 200 when the store answers, 503 when it does not; with the time of this
+/// process's last successful poll cycle (null before the first, or where no poller runs).
 async fn healthz(State(state): State<AppState>) -> Response {
+    let last_poll = state
+        .poller
+        .as_ref()
+        .and_then(|p| p.last_success())
+        .map(|t| t.to_rfc3339());
     match state.store.ping().await {
-        Ok(()) => (StatusCode::OK, Json(json!({"status": "ok", "store": "ok"}))).into_response(),
+        Ok(()) => (
+            StatusCode::OK,
+            Json(json!({"status": "ok", "store": "ok", "last_successful_poll": last_poll})),
+        )
+            .into_response(),
         Err(e) => {
             tracing::warn!(error = %e, "health check: store unreachable");
             (
                 StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({"status": "unavailable", "store": "unreachable"})),
+                Json(json!({"status": "unavailable", "store": "unreachable", "last_successful_poll": last_poll})),
             )
                 .into_response()
         }

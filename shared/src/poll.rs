@@ -83,6 +83,8 @@ pub struct Poller {
     pub reporter: Reporter,
     pub dms: Option<(reqwest::Client, DmsConfig)>,
     pub observers: Vec<Arc<dyn BuildObserver>>,
+    /// When this process last finished a cycle that succeeded end to end (for `/healthz`).
+    pub last_success: Arc<std::sync::Mutex<Option<DateTime<Utc>>>>,
 }
 
 impl Poller {
@@ -103,6 +105,7 @@ impl Poller {
             reporter,
             dms: config.dms.clone().map(|d| (http, d)),
             observers: Vec::new(),
+            last_success: Arc::default(),
         })
     }
 
@@ -147,6 +150,7 @@ impl Poller {
         if let Some(e) = first_error {
             return Err(e);
         }
+        *self.last_success.lock().unwrap_or_else(|p| p.into_inner()) = Some(Utc::now());
         self.heartbeat().await;
         Ok(summary)
     }
@@ -185,11 +189,14 @@ impl Poller {
         })?;
         let builds: Vec<Build> = created.builds.into_iter().chain(finished.builds).collect();
         if !self.observers.is_empty() {
-            let results: Vec<Result<(), ObserveError>> = stream::iter(&builds)
+            // The futures are made up front: a stream closure borrowing each build would not
+            // be `Send` for every lifetime, which a spawned task (`kitebridge serve`) needs.
+            let observing: Vec<_> = builds
+                .iter()
                 .map(|b| observe_all(&self.observers, org, b, b.pipeline.as_ref()))
-                .buffer_unordered(8)
-                .collect()
-                .await;
+                .collect();
+            let results: Vec<Result<(), ObserveError>> =
+                stream::iter(observing).buffer_unordered(8).collect().await;
             if let Some(e) = results.into_iter().find_map(Result::err) {
                 return Err(PollError::Observer(e));
             }
@@ -257,15 +264,11 @@ impl Poller {
     }
 }
 
-/// When the cursor of `org` says the last successful cycle was.
-pub async fn last_success(
-    cursors: &dyn CursorStore,
-    org: &str,
-) -> Result<Option<DateTime<Utc>>, StoreError> {
-    Ok(cursors
-        .cursor(org)
-        .await?
-        .map(|c| c.value + chrono::Duration::from_std(OVERLAP).unwrap_or_default()))
+impl Poller {
+    /// When this process last completed a successful cycle.
+    pub fn last_success(&self) -> Option<DateTime<Utc>> {
+        *self.last_success.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// On Lambda, prints the CloudWatch Embedded Metric Format line that the template's "no

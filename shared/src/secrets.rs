@@ -2,12 +2,13 @@
 
 use crate::Error;
 
-/// Fetches the secret string of `secret_id` (an ARN or a name), with the standard AWS
-/// configuration chain (the function's role on Lambda; `AWS_ENDPOINT_URL_SECRETS_MANAGER` is
-/// honoured for local runs).
-pub async fn fetch_secret_string(secret_id: &str) -> Result<String, Error> {
-    let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-    let client = aws_sdk_secretsmanager::Client::new(&sdk);
+/// Fetches the secret string of `secret_id` (an ARN or a name) through `client` (built from the
+/// standard AWS configuration chain: the function's role on Lambda;
+/// `AWS_ENDPOINT_URL_SECRETS_MANAGER` is honoured for local runs).
+pub async fn fetch_with(
+    client: &aws_sdk_secretsmanager::Client,
+    secret_id: &str,
+) -> Result<String, Error> {
     let out = client
         .get_secret_value()
         .secret_id(secret_id)

@@ -1,0 +1,178 @@
+//! The real `kitebridge` binary: `poll` runs one cycle against fake Buildkite and Bitbucket
+//! servers and exits 0 (1 when the cycle fails); `serve` answers `/healthz`, runs the poll loop,
+//! and exits 0 on SIGTERM.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kitebridge_fakes::*;
+
+const ORG: &str = DEFAULT_ORGANIZATION;
+
+fn sha(n: u64) -> String {
+    format!("{n:040x}")
+}
+
+async fn fakes() -> (
+    FakeBuildkite,
+    FakeBitbucket,
+    HashMap<String, String>,
+    std::path::PathBuf,
+) {
+    let bk = FakeBuildkite::start(FakeBuildkiteOptions::default()).await;
+    let bb = FakeBitbucket::start(FakeBitbucketOptions::default()).await;
+    bb.add_repository("PROJ", "web");
+    let repo = format!("ssh://git@{}:7999/proj/web.git", bb.addr().ip());
+    bk.add_pipeline(Pipeline::new(ORG, "web", "Web", repo));
+    let dir = std::env::temp_dir().join(format!(
+        "kitebridge-cli-{}",
+        std::process::id() as u128 * 1000 + rand_suffix()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let vars = HashMap::from(
+        [
+            ("BUILDKITE_API_URL", bk.url()),
+            ("BUILDKITE_API_TOKEN", DEFAULT_BUILDKITE_TOKEN.into()),
+            ("BUILDKITE_ORGANIZATION", ORG.into()),
+            ("BUILDKITE_WEBHOOK_TOKEN", "whk".into()),
+            ("BITBUCKET_URL", bb.url()),
+            ("BITBUCKET_TOKEN", DEFAULT_BITBUCKET_TOKEN.into()),
+            ("KITEBRIDGE_API_TOKEN", "api".into()),
+            ("KITEBRIDGE_DB", dir.join("kb.db").display().to_string()),
+            ("MONITOR_POLLING_INTERVAL", "1".into()),
+        ]
+        .map(|(k, v)| (k.to_string(), v)),
+    );
+    (bk, bb, vars, dir)
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() % 1000)
+        .unwrap_or(0)
+}
+
+fn kitebridge() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_kitebridge"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poll_runs_one_cycle_and_says_how_it_went() {
+    let (bk, bb, vars, dir) = fakes().await;
+    bk.add_build(Build::new(ORG, "web", sha(1), "main").with_state(BuildState::Passed));
+    let out = kitebridge()
+        .arg("poll")
+        .env_clear()
+        .envs(&vars)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["posted"], 1, "{summary}");
+    assert_eq!(
+        bb.status(&sha(1), "acme-inc/web").unwrap().state,
+        "SUCCESSFUL"
+    );
+
+    // The store is a file: a second run knows what was reported.
+    let out = kitebridge()
+        .arg("poll")
+        .env_clear()
+        .envs(&vars)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(bb.posts().len(), 1);
+
+    // A failed cycle exits 1.
+    bk.inject_fault_for(Fault::Status(500), Duration::from_secs(3600));
+    let out = kitebridge()
+        .arg("poll")
+        .env_clear()
+        .envs(&vars)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+
+    // Bad configuration: exit 1 with the variable named, no secret shown.
+    let mut bad = vars.clone();
+    bad.insert("MONITOR_POLLING_INTERVAL".into(), "often".into());
+    let out = kitebridge()
+        .arg("poll")
+        .env_clear()
+        .envs(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("MONITOR_POLLING_INTERVAL"), "{stderr}");
+    assert!(!stderr.contains(DEFAULT_BUILDKITE_TOKEN), "{stderr}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_answers_polls_and_stops_on_sigterm() {
+    let (bk, bb, vars, dir) = fakes().await;
+    bk.add_build(Build::new(ORG, "web", sha(7), "main").with_state(BuildState::Failed));
+    let mut child = kitebridge()
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env_clear()
+        .envs(&vars)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let base = line.trim().rsplit(' ').next().unwrap().to_string();
+    assert!(base.starts_with("http://127.0.0.1:"), "{line}");
+
+    // The poll loop reports the build.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while bb.status(&sha(7), "acme-inc/web").is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the poll loop never reported the build"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let health: serde_json::Value = reqwest::get(format!("{base}/healthz"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["status"], "ok");
+    assert!(health["last_successful_poll"].is_string(), "{health}");
+
+    // SIGTERM: stop taking requests, finish, exit 0.
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "serve did not exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}
