@@ -193,9 +193,9 @@ impl Config {
     /// Manager secret named by `KITEBRIDGE_SECRETS_ARN`, if set. Call once, at cold start.
     pub async fn from_env_and_secrets_manager() -> Result<Config, crate::Error> {
         let vars: HashMap<String, String> = std::env::vars().collect();
-        if !vars
+        if vars
             .get(SECRETS_ARN_VARIABLE)
-            .is_some_and(|v| !v.trim().is_empty())
+            .is_none_or(|v| v.trim().is_empty())
         {
             return Ok(Config::from_lookup(|name| vars.get(name).cloned())?);
         }
