@@ -320,14 +320,25 @@ fn paging(q: &HashMap<String, String>) -> Result<Paging, ReleaseError> {
             }
         },
     };
-    let cursor = q.get("cursor").filter(|c| !c.is_empty()).cloned();
-    if cursor.as_ref().is_some_and(|c| c.len() > 300) {
-        return Err(ReleaseError::invalid(
-            "cursor",
-            "not a cursor of this listing",
-        ));
-    }
+    // Cursors are opaque to callers: hex, so they need no escaping in a query string.
+    let cursor = match q.get("cursor").filter(|c| !c.is_empty()) {
+        None => None,
+        Some(c) => Some(
+            hex::decode(c)
+                .ok()
+                .filter(|b| b.len() <= 300)
+                .and_then(|b| String::from_utf8(b).ok())
+                .ok_or_else(|| ReleaseError::invalid("cursor", "not a cursor of this listing"))?,
+        ),
+    };
     Ok(Paging { cursor, per_page })
+}
+
+fn listing<T>(page: crate::store::Page<T>) -> Listing<T> {
+    Listing {
+        items: page.items,
+        next_cursor: page.next.map(hex::encode),
+    }
 }
 
 #[derive(Serialize)]
@@ -407,13 +418,7 @@ async fn list_releases(
         let page = service(&state)
             .list_releases(&project, p.cursor.as_deref(), p.per_page)
             .await?;
-        answer(
-            StatusCode::OK,
-            Listing {
-                items: page.items,
-                next_cursor: page.next,
-            },
-        )
+        answer(StatusCode::OK, listing(page))
     })
     .await
 }
@@ -518,13 +523,7 @@ async fn list_deployments(
         let page = service(&state)
             .list_deployments(&project, &environment, p.cursor.as_deref(), p.per_page)
             .await?;
-        answer(
-            StatusCode::OK,
-            Listing {
-                items: page.items,
-                next_cursor: page.next,
-            },
-        )
+        answer(StatusCode::OK, listing(page))
     })
     .await
 }
