@@ -64,6 +64,7 @@ contract!(
     releases_candidate_race_exactly_one_wins,
     deployments_one_active_per_environment,
     build_links,
+    active_deployment_index_follows_environment_state,
 );
 
 type Kv = Arc<dyn kitebridge::store::Kv>;
@@ -728,6 +729,8 @@ fn candidate(project: &str, version: &str, number: u32, cut_id: &str) -> Candida
         branch: "main".into(),
         state: CandidateState::Pending,
         build: None,
+        build_state: None,
+        error_message: None,
         created_at: Utc::now(),
         updated_at: Utc::now(),
     }
@@ -948,6 +951,7 @@ async fn deployments_one_active_per_environment(kv: Kv) {
                     project: "web".into(),
                     environment: "prod".into(),
                     frozen: false,
+                    freeze_reason: None,
                     active_deployment: None,
                     successes: vec![],
                 });
@@ -1024,6 +1028,7 @@ async fn deployments_one_active_per_environment(kv: Kv) {
                 project: "web".into(),
                 environment: "staging".into(),
                 frozen: false,
+                freeze_reason: None,
                 active_deployment: None,
                 successes: vec![],
             },
@@ -1074,4 +1079,115 @@ async fn build_links(kv: Kv) {
     };
     store.link_build("b-2", &dlink).await.unwrap();
     assert_eq!(store.build_link("b-2").await.unwrap(), Some(dlink));
+}
+
+/// The index of active deployments (for the stuck-deployment sweep) is written with each
+/// environment state, so it lists exactly the environments whose state names an active one.
+async fn active_deployment_index_follows_environment_state(kv: Kv) {
+    let store = Store::from_arc(kv);
+    let listed = |p: Page<ActiveDeployment>| {
+        p.items
+            .into_iter()
+            .map(|a| (a.project, a.environment, a.id))
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        store
+            .active_deployments(None, 10)
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    let state = |env: &str, active: Option<&str>| EnvironmentState {
+        project: "web".into(),
+        environment: env.into(),
+        frozen: false,
+        freeze_reason: None,
+        active_deployment: active.map(str::to_string),
+        successes: vec![],
+    };
+    // create_deployment adds the entry.
+    store
+        .create_deployment(&deployment("d1", "prod"), &state("prod", Some("d1")), None)
+        .await
+        .unwrap();
+    store
+        .create_deployment(
+            &deployment("d2", "staging"),
+            &state("staging", Some("d2")),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        listed(store.active_deployments(None, 10).await.unwrap()),
+        vec![
+            ("web".into(), "prod".into(), "d1".into()),
+            ("web".into(), "staging".into(), "d2".into())
+        ]
+    );
+    // Paging.
+    let p1 = store.active_deployments(None, 1).await.unwrap();
+    assert_eq!(p1.items.len(), 1);
+    let p2 = store
+        .active_deployments(p1.next.as_deref(), 1)
+        .await
+        .unwrap();
+    assert_eq!(p2.items[0].id, "d2");
+    // A failed (conditional) write changes nothing, the index included.
+    let d1 = store
+        .deployment("web", "prod", "d1")
+        .await
+        .unwrap()
+        .unwrap();
+    let env = store.environment("web", "prod").await.unwrap().unwrap();
+    let mut done = d1.value.clone();
+    done.status = DeploymentStatus::Success;
+    assert!(matches!(
+        store
+            .update_deployment(
+                &done,
+                d1.rev,
+                Some((&state("prod", None), Some(env.rev + 7)))
+            )
+            .await,
+        Err(StoreError::Conflict)
+    ));
+    assert_eq!(
+        store
+            .active_deployments(None, 10)
+            .await
+            .unwrap()
+            .items
+            .len(),
+        2
+    );
+    // update_deployment that clears the lock removes the entry.
+    store
+        .update_deployment(&done, d1.rev, Some((&state("prod", None), Some(env.rev))))
+        .await
+        .unwrap();
+    assert_eq!(
+        listed(store.active_deployments(None, 10).await.unwrap()),
+        vec![("web".into(), "staging".into(), "d2".into())]
+    );
+    // put_environment keeps it too (and clearing an absent entry is fine).
+    let env = store.environment("web", "staging").await.unwrap().unwrap();
+    store
+        .put_environment(&state("staging", None), Some(env.rev))
+        .await
+        .unwrap();
+    store
+        .put_environment(&state("qa", None), None)
+        .await
+        .unwrap();
+    assert!(
+        store
+            .active_deployments(None, 10)
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
 }

@@ -63,7 +63,9 @@ pub fn app_state(config: Config, store: Store) -> Result<AppState, Error> {
         Reporter::new(ledger.clone(), Arc::new(quick), config.post_concurrency)
     });
     // Release tracking and trigger rules register here.
-    let observers: Vec<Arc<dyn BuildObserver>> = Vec::new();
+    let observers: Vec<Arc<dyn BuildObserver>> = vec![Arc::new(
+        crate::release::tracker::ReleaseTracker::new(Arc::new(store.clone())),
+    )];
     let poller = match (&bitbucket, poll_reporter) {
         (Some(b), Some(reporter)) => Poller::from_config(
             &config,
@@ -75,6 +77,21 @@ pub fn app_state(config: Config, store: Store) -> Result<AppState, Error> {
         .map(|p| p.with_observers(observers.clone())),
         _ => None,
     };
+    // The releases API creates builds while a caller waits (API Gateway gives up after 30 s):
+    // a short wait for a spent rate limit at most, then the caller is told to retry.
+    let buildkite = config.buildkite.token.clone().map(|token| {
+        crate::buildkite::client::BuildkiteClient::new(
+            http.clone(),
+            config.buildkite.api_url.clone(),
+            token,
+        )
+        .with_retry_policy(RetryPolicy {
+            attempts: 3,
+            base: Duration::from_millis(200),
+            cap: Duration::from_secs(2),
+            max_server_wait: Duration::from_secs(5),
+        })
+    });
     Ok(AppState {
         config: Arc::new(config),
         store,
@@ -83,5 +100,6 @@ pub fn app_state(config: Config, store: Store) -> Result<AppState, Error> {
         poller,
         webhook_reporter,
         observers,
+        buildkite,
     })
 }

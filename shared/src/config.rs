@@ -154,6 +154,8 @@ pub struct Config {
     pub store: StoreConfig,
     /// Bearer token of the releases API.
     pub api_token: Option<Secret>,
+    /// How callers of the releases API are authenticated (`KITEBRIDGE_API_AUTH`).
+    pub api_auth: ApiAuth,
     /// Most status posts in flight at once.
     pub post_concurrency: usize,
     /// Timeout of every outgoing HTTP request.
@@ -163,6 +165,17 @@ pub struct Config {
     /// Trigger rules given inline (`KITEBRIDGE_RULES`, JSON) and from a file (`KITEBRIDGE_RULES_FILE`).
     pub rules_json: Option<String>,
     pub rules_file: Option<PathBuf>,
+}
+
+/// How the releases API authenticates callers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ApiAuth {
+    /// `Authorization: Bearer <KITEBRIDGE_API_TOKEN>`, checked by kitebridge.
+    #[default]
+    Token,
+    /// API Gateway's IAM authorization (SigV4) protects the routes before they reach
+    /// kitebridge, which then checks nothing itself and needs no `KITEBRIDGE_API_TOKEN`.
+    Iam,
 }
 
 /// What a binary needs; [`Config::require`] checks the variables each role cannot do without.
@@ -326,6 +339,7 @@ impl Config {
             dms,
             store,
             api_token: p.secret_any(&["KITEBRIDGE_API_TOKEN"]),
+            api_auth: p.api_auth(),
             post_concurrency: p.number("KITEBRIDGE_POST_CONCURRENCY", 64, 1..=512) as usize,
             http_timeout: Duration::from_secs(p.number("KITEBRIDGE_HTTP_TIMEOUT", 10, 1..=300)),
             deployment_timeout: Duration::from_secs(
@@ -388,7 +402,7 @@ impl Config {
                 "required (the webhook's token; several separated by commas while rotating)",
             );
         }
-        if releases {
+        if releases && self.api_auth == ApiAuth::Token {
             need(
                 self.api_token.is_some(),
                 "KITEBRIDGE_API_TOKEN",
@@ -592,6 +606,22 @@ impl<F: Fn(&str) -> Option<String>> Parser<'_, F> {
                     format!("expected one of auto, legacy, repository, cloud; got `{other}`");
                 self.error("BITBUCKET_API", problem);
                 BitbucketApi::Auto
+            }
+        }
+    }
+
+    fn api_auth(&mut self) -> ApiAuth {
+        match self
+            .string("KITEBRIDGE_API_AUTH")
+            .map(|s| s.to_ascii_lowercase())
+            .as_deref()
+        {
+            None | Some("token") => ApiAuth::Token,
+            Some("iam") => ApiAuth::Iam,
+            Some(other) => {
+                let problem = format!("expected token or iam, got `{other}`");
+                self.error("KITEBRIDGE_API_AUTH", problem);
+                ApiAuth::Token
             }
         }
     }
@@ -811,6 +841,23 @@ mod tests {
         let err = c.require(Role::Releases).unwrap_err();
         let vars: Vec<&str> = err.0.iter().map(|e| e.variable).collect();
         assert_eq!(vars, vec!["BUILDKITE_API_TOKEN", "KITEBRIDGE_API_TOKEN"]);
+    }
+
+    #[test]
+    fn iam_auth_needs_no_api_token() {
+        assert_eq!(config(&[]).unwrap().api_auth, ApiAuth::Token);
+        let c = config(&[("KITEBRIDGE_API_AUTH", "IAM"), ("BUILDKITE_API_TOKEN", "t")]).unwrap();
+        assert_eq!(c.api_auth, ApiAuth::Iam);
+        assert!(c.require(Role::Releases).is_ok());
+        let c = config(&[
+            ("KITEBRIDGE_API_AUTH", "token"),
+            ("BUILDKITE_API_TOKEN", "t"),
+        ])
+        .unwrap();
+        let err = c.require(Role::Releases).unwrap_err();
+        assert_eq!(err.0[0].variable, "KITEBRIDGE_API_TOKEN");
+        let err = config(&[("KITEBRIDGE_API_AUTH", "none")]).unwrap_err();
+        assert_eq!(err.0[0].variable, "KITEBRIDGE_API_AUTH");
     }
 
     #[test]

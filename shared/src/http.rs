@@ -29,12 +29,15 @@ pub struct AppState {
     pub webhook_reporter: Option<Reporter>,
     /// Release tracking and trigger rules: every build seen goes to each.
     pub observers: Vec<Arc<dyn BuildObserver>>,
+    /// Creates the release and deploy builds of the releases API (`None` without a token).
+    pub buildkite: Option<crate::buildkite::client::BuildkiteClient>,
 }
 
 /// The router with every route kitebridge serves.
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .merge(crate::release::api::routes())
         .fallback(not_found)
         .with_state(state)
 }

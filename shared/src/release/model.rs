@@ -73,6 +73,31 @@ pub enum CandidateState {
     Canceled,
 }
 
+impl CandidateState {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Built | Self::Failed | Self::Canceled)
+    }
+
+    /// Order of progress: a candidate only ever moves to a higher rank.
+    pub fn rank(self) -> u8 {
+        match self {
+            Self::Pending => 0,
+            Self::Building => 1,
+            Self::Built | Self::Failed | Self::Canceled => 2,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Building => "building",
+            Self::Built => "built",
+            Self::Failed => "failed",
+            Self::Canceled => "canceled",
+        }
+    }
+}
+
 /// A Buildkite build kitebridge created.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BuildRef {
@@ -98,6 +123,12 @@ pub struct Candidate {
     pub state: CandidateState,
     #[serde(default)]
     pub build: Option<BuildRef>,
+    /// The last Buildkite state seen for its build (`scheduled`, `running`, `passed`, ...).
+    #[serde(default)]
+    pub build_state: Option<String>,
+    /// Why it failed, when kitebridge knows (e.g. Buildkite refused to create the build).
+    #[serde(default)]
+    pub error_message: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -119,6 +150,39 @@ impl DeploymentStatus {
             self,
             Self::Success | Self::Failure | Self::Canceled | Self::Error
         )
+    }
+
+    /// Order of progress: tracking only ever moves a deployment to a higher rank.
+    pub fn rank(self) -> u8 {
+        match self {
+            Self::Pending => 0,
+            Self::InProgress => 1,
+            Self::Success | Self::Failure | Self::Canceled | Self::Error => 2,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::InProgress => "in_progress",
+            Self::Success => "success",
+            Self::Failure => "failure",
+            Self::Canceled => "canceled",
+            Self::Error => "error",
+        }
+    }
+
+    /// Parses the wire name; `None` for anything else.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "pending" => Self::Pending,
+            "in_progress" => Self::InProgress,
+            "success" => Self::Success,
+            "failure" => Self::Failure,
+            "canceled" => Self::Canceled,
+            "error" => Self::Error,
+            _ => return None,
+        })
     }
 }
 
@@ -156,6 +220,9 @@ pub struct EnvironmentState {
     pub environment: String,
     #[serde(default)]
     pub frozen: bool,
+    /// Why it was frozen, as given by whoever froze it.
+    #[serde(default)]
+    pub freeze_reason: Option<String>,
     /// The one deployment not yet finished, if any.
     #[serde(default)]
     pub active_deployment: Option<String>,

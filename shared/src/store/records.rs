@@ -289,6 +289,27 @@ pub trait ReleaseStore: Send + Sync {
 
     async fn link_build(&self, build_id: &str, link: &BuildLink) -> Result<()>;
     async fn build_link(&self, build_id: &str) -> Result<Option<BuildLink>>;
+
+    /// Every environment with an unfinished deployment, across projects, in key order (for the
+    /// stuck-deployment sweep, which cannot otherwise find them without scanning the table).
+    /// The store keeps this index itself, in the same atomic write as each environment state
+    /// ([`ReleaseStore::put_environment`], [`ReleaseStore::create_deployment`],
+    /// [`ReleaseStore::update_deployment`]), so it always agrees with
+    /// [`EnvironmentState::active_deployment`].
+    async fn active_deployments(
+        &self,
+        page: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<ActiveDeployment>>;
+}
+
+/// An entry of the active-deployment index: environment `environment` of `project` has the
+/// unfinished deployment `id`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActiveDeployment {
+    pub project: String,
+    pub environment: String,
+    pub id: String,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -872,6 +893,34 @@ fn deployment_sk(environment: &str, id: &str) -> String {
     format!("DEPLOYMENT#{environment}#{id}")
 }
 
+/// The active-deployment index: `ACTIVE_DEPLOYMENTS` / `{project}#{environment}`, present exactly
+/// while the environment state names an active deployment. Written in the same batch as the
+/// environment state, so the two never disagree.
+const ACTIVE_PK: &str = "ACTIVE_DEPLOYMENTS";
+
+fn active_index_write(state: &EnvironmentState) -> Result<Write> {
+    let sk = format!("{}#{}", state.project, state.environment);
+    match &state.active_deployment {
+        Some(id) => put(
+            ACTIVE_PK.into(),
+            sk,
+            1,
+            &ActiveDeployment {
+                project: state.project.clone(),
+                environment: state.environment.clone(),
+                id: id.clone(),
+            },
+            None,
+            Cond::Always,
+        ),
+        None => Ok(Write::Delete {
+            pk: ACTIVE_PK.into(),
+            sk,
+            cond: Cond::Always,
+        }),
+    }
+}
+
 fn page_of<T>(items: Vec<Versioned<T>>, sks: Vec<String>, limit: usize) -> Page<Versioned<T>> {
     let next = if items.len() == limit {
         sks.last().cloned()
@@ -1047,14 +1096,17 @@ impl ReleaseStore for Store {
     ) -> Result<u64> {
         let (rev, cond) = over(expected);
         self.kv
-            .write(vec![put(
-                project_pk(&state.project),
-                env_sk(&state.environment),
-                rev,
-                state,
-                None,
-                cond,
-            )?])
+            .write(vec![
+                put(
+                    project_pk(&state.project),
+                    env_sk(&state.environment),
+                    rev,
+                    state,
+                    None,
+                    cond,
+                )?,
+                active_index_write(state)?,
+            ])
             .await?;
         Ok(rev)
     }
@@ -1078,6 +1130,7 @@ impl ReleaseStore for Store {
                     Cond::Absent,
                 )?,
                 put(pk, env_sk(&env.environment), rev, env, None, cond)?,
+                active_index_write(env)?,
             ])
             .await
     }
@@ -1107,6 +1160,7 @@ impl ReleaseStore for Store {
                 None,
                 cond,
             )?);
+            writes.push(active_index_write(state)?);
         }
         self.kv.write(writes).await?;
         Ok(rev + 1)
@@ -1165,5 +1219,26 @@ impl ReleaseStore for Store {
             .get_doc(&format!("BUILD#{build_id}"), "LINK")
             .await?
             .map(|v| v.value))
+    }
+
+    async fn active_deployments(
+        &self,
+        page: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<ActiveDeployment>> {
+        let items = self
+            .kv
+            .query(ACTIVE_PK, "", page, limit, Order::Ascending)
+            .await?;
+        let sks = items.iter().map(|i| i.sk.clone()).collect();
+        let decoded = items
+            .iter()
+            .map(decode::<ActiveDeployment>)
+            .collect::<Result<Vec<_>>>()?;
+        let p = page_of(decoded, sks, limit);
+        Ok(Page {
+            items: p.items.into_iter().map(|v| v.value).collect(),
+            next: p.next,
+        })
     }
 }

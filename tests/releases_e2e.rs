@@ -1,0 +1,1351 @@
+//! The releases API end to end: the real router (through `tower::ServiceExt::oneshot`, the same
+//! service `kitebridge serve` and the Lambda run) with the real Buildkite client against the
+//! fake Buildkite, and build progress flowing back as the webhook receiver hands it on: the
+//! fake's webhook body, parsed, given to the registered build observers.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use kitebridge::buildkite::Event;
+use kitebridge::config::Config;
+use kitebridge::http::AppState;
+use kitebridge::observe::observe_all;
+use kitebridge::store::{SqliteKv, Store};
+use kitebridge_fakes::{
+    BuildState, DEFAULT_BUILDKITE_TOKEN, DEFAULT_ORGANIZATION as ORG, FakeBuildkite,
+    FakeBuildkiteOptions, Fault, Pipeline, WebhookAuth, WebhookEvent,
+};
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+const API_TOKEN: &str = "releases-api-token-0123";
+const SHA: &str = "4e1f0c9b7a2d3e5f6a8b9c0d1e2f3a4b5c6d7e8f";
+const SHA2: &str = "9f8e7d6c5b4a39281706f5e4d3c2b1a098765432";
+
+struct Harness {
+    bk: FakeBuildkite,
+    state: AppState,
+    app: Router,
+}
+
+struct Answer {
+    status: StatusCode,
+    body: Value,
+    replayed: bool,
+}
+
+impl Harness {
+    async fn start(store: Store) -> Harness {
+        Self::start_with(store, |_| {}).await
+    }
+
+    async fn start_with(store: Store, tweak: impl FnOnce(&mut Config)) -> Harness {
+        let bk = FakeBuildkite::start(FakeBuildkiteOptions::default()).await;
+        for slug in ["web-release", "web-deploy"] {
+            bk.add_pipeline(Pipeline::new(
+                ORG,
+                slug,
+                slug,
+                "ssh://git@bitbucket.example:7999/proj/web.git",
+            ));
+        }
+        let vars = [
+            ("BUILDKITE_API_URL", bk.url()),
+            ("BUILDKITE_API_TOKEN", DEFAULT_BUILDKITE_TOKEN.to_string()),
+            ("KITEBRIDGE_API_TOKEN", API_TOKEN.to_string()),
+            ("KITEBRIDGE_HTTP_TIMEOUT", "3".to_string()),
+        ];
+        let mut config =
+            Config::from_lookup(|n| vars.iter().find(|(k, _)| *k == n).map(|(_, v)| v.clone()))
+                .expect("config");
+        tweak(&mut config);
+        let state = kitebridge::bootstrap::app_state(config, store).expect("app state");
+        let app = kitebridge::http::router(state.clone());
+        Harness { bk, state, app }
+    }
+
+    async fn call_with(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> Answer {
+        let mut req = Request::builder().method(method).uri(path);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let body = match body {
+            Some(v) => {
+                req = req.header("content-type", "application/json");
+                Body::from(v.to_string())
+            }
+            None => Body::empty(),
+        };
+        let resp = self
+            .app
+            .clone()
+            .oneshot(req.body(body).expect("request"))
+            .await
+            .expect("router is infallible");
+        let status = resp.status();
+        let replayed = resp.headers().contains_key("idempotent-replayed");
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .expect("body");
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&bytes)))
+        };
+        Answer {
+            status,
+            body,
+            replayed,
+        }
+    }
+
+    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> Answer {
+        let auth = format!("Bearer {API_TOKEN}");
+        self.call_with(method, path, body, &[("authorization", &auth)])
+            .await
+    }
+
+    /// Moves a build in the fake and delivers the matching webhook to the observers, as the
+    /// webhook receiver does with a verified delivery.
+    async fn progress(&self, pipeline: &str, number: u64, state: BuildState) {
+        self.bk
+            .set_build_state(ORG, pipeline, number, state)
+            .expect("build exists");
+        self.redeliver(pipeline, number, event_for(state)).await;
+    }
+
+    /// Delivers the build as it is now (again), as a late or repeated webhook would.
+    async fn redeliver(&self, pipeline: &str, number: u64, event: WebhookEvent) {
+        let delivery = self
+            .bk
+            .webhook(
+                ORG,
+                pipeline,
+                number,
+                event,
+                &WebhookAuth::Token("t".into()),
+            )
+            .expect("build exists");
+        let Ok(Event::Build(payload)) = Event::parse(delivery.body.as_bytes()) else {
+            panic!("the fake's webhook is not a build event");
+        };
+        let org = payload.organization_slug().expect("organization in URLs");
+        observe_all(
+            &self.state.observers,
+            &org,
+            &payload.build,
+            Some(&payload.pipeline),
+        )
+        .await
+        .expect("observers succeed");
+    }
+
+    /// Sets up the usual project: a build pipeline, `staging` and `production` (which requires
+    /// staging) with a deploy pipeline, and `manual` with none.
+    async fn project(&self) {
+        let a = self
+            .call(
+                "PUT",
+                "/projects/web",
+                Some(json!({
+                    "build_pipeline": {"organization": ORG, "pipeline": "web-release"},
+                    "version_scheme": "semver",
+                    "env": {"REGION": "eu-west-1"},
+                    "environments": [
+                        {"name": "staging", "deploy_pipeline": {"organization": ORG, "pipeline": "web-deploy"},
+                         "env": {"TARGET": "staging"}},
+                        {"name": "production", "deploy_pipeline": {"organization": ORG, "pipeline": "web-deploy"},
+                         "requires": "staging", "env": {"TARGET": "production"}},
+                        {"name": "manual"}
+                    ]
+                })),
+            )
+            .await;
+        assert_eq!(a.status, StatusCode::CREATED, "{}", a.body);
+    }
+
+    /// Cuts `version` and drives its build to `passed`; returns the candidate version.
+    async fn built(&self, version: &str, commit: &str) -> String {
+        let a = self
+            .call(
+                "POST",
+                "/projects/web/releases",
+                Some(json!({"commit": commit, "branch": "main", "version": version})),
+            )
+            .await;
+        assert_eq!(a.status, StatusCode::CREATED, "{}", a.body);
+        let number = a.body["candidate"]["build"]["number"].as_u64().unwrap();
+        self.progress("web-release", number, BuildState::Passed)
+            .await;
+        a.body["candidate"]["version"].as_str().unwrap().to_string()
+    }
+
+    async fn deploy(&self, env: &str, candidate: &str) -> Answer {
+        self.call(
+            "POST",
+            &format!("/projects/web/environments/{env}/deployments"),
+            Some(json!({"release_candidate_version": candidate})),
+        )
+        .await
+    }
+
+    /// Deploys and drives the deploy build to `end`; returns the deployment.
+    async fn deployed(&self, env: &str, candidate: &str, end: BuildState) -> Value {
+        let a = self.deploy(env, candidate).await;
+        assert_eq!(a.status, StatusCode::CREATED, "{}", a.body);
+        let number = a.body["build"]["number"].as_u64().unwrap();
+        self.progress("web-deploy", number, BuildState::Running)
+            .await;
+        self.progress("web-deploy", number, end).await;
+        let id = a.body["id"].as_str().unwrap();
+        self.call(
+            "GET",
+            &format!("/projects/web/environments/{env}/deployments/{id}"),
+            None,
+        )
+        .await
+        .body
+    }
+
+    fn created_builds(&self) -> usize {
+        self.bk.created_builds().len()
+    }
+}
+
+fn event_for(state: BuildState) -> WebhookEvent {
+    match state {
+        BuildState::Scheduled => WebhookEvent::BuildScheduled,
+        BuildState::Running => WebhookEvent::BuildRunning,
+        BuildState::Failing => WebhookEvent::BuildFailing,
+        _ => WebhookEvent::BuildFinished,
+    }
+}
+
+fn sqlite() -> Store {
+    Store::new(SqliteKv::in_memory().expect("in-memory sqlite"))
+}
+
+fn s(v: &Value) -> &str {
+    v.as_str().unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// Cut, build, promote through staging to production, with every variable and meta-data the
+/// pipelines receive; the tracker moves everything forward only.
+async fn full_release_flow(store: Store) {
+    let h = Harness::start(store).await;
+    h.project().await;
+    let project = h.call("GET", "/projects/web", None).await;
+    assert_eq!(project.status, StatusCode::OK);
+    assert_eq!(project.body["environments"].as_array().unwrap().len(), 3);
+
+    // Cut: release 1.4.0, candidate 1.4.0-rc1, building on the release pipeline.
+    let cut = h
+        .call(
+            "POST",
+            "/projects/web/releases",
+            Some(json!({"commit": SHA, "branch": "main", "version": "1.4.0"})),
+        )
+        .await;
+    assert_eq!(cut.status, StatusCode::CREATED, "{}", cut.body);
+    let c = &cut.body["candidate"];
+    assert_eq!(s(&c["version"]), "1.4.0-rc1");
+    assert_eq!(s(&c["state"]), "building");
+    let builds = h.bk.created_builds();
+    assert_eq!(builds.len(), 1);
+    let b = &builds[0];
+    assert_eq!(
+        (b.pipeline.as_str(), b.commit.as_str(), b.branch.as_str()),
+        ("web-release", SHA, "main")
+    );
+    assert_eq!(b.env["AVIATOR_RELEASE_CUT_ID"], c["cut_id"]);
+    assert_eq!(b.env["AVIATOR_RELEASE_CANDIDATE_VERSION"], "1.4.0-rc1");
+    assert_eq!(b.env["AVIATOR_RELEASE_CUT_COMMIT_HASH"], SHA);
+    assert_eq!(b.env["REGION"], "eu-west-1");
+    assert_eq!(b.meta_data["kitebridge:candidate"], "web/1.4.0-rc1");
+    assert_eq!(c["build"]["id"], json!(b.id));
+
+    // Not built yet: cannot deploy.
+    let early = h.deploy("staging", "1.4.0-rc1").await;
+    assert_eq!(
+        (early.status, s(&early.body["error"])),
+        (StatusCode::CONFLICT, "candidate_not_built")
+    );
+
+    // Webhooks: running, passed, then a late running and a repeated finished change nothing.
+    h.progress("web-release", b.number, BuildState::Running)
+        .await;
+    h.progress("web-release", b.number, BuildState::Passed)
+        .await;
+    h.bk.set_build_state(ORG, "web-release", b.number, BuildState::Running);
+    h.redeliver("web-release", b.number, WebhookEvent::BuildRunning)
+        .await;
+    h.redeliver("web-release", b.number, WebhookEvent::BuildRunning)
+        .await;
+    let rel = h.call("GET", "/projects/web/releases/1.4.0", None).await;
+    assert_eq!(rel.status, StatusCode::OK);
+    assert_eq!(s(&rel.body["commit"]), SHA);
+    let cands = rel.body["candidates"].as_array().unwrap();
+    assert_eq!(cands.len(), 1);
+    assert_eq!(s(&cands[0]["state"]), "built");
+    assert_eq!(s(&cands[0]["build_state"]), "passed");
+
+    // Promotion order: production needs a success in staging first.
+    let prod = h.deploy("production", "1.4.0-rc1").await;
+    assert_eq!(
+        (prod.status, s(&prod.body["error"])),
+        (StatusCode::CONFLICT, "promotion_required")
+    );
+
+    // Staging: the deploy pipeline gets the deployment's variables; one at a time.
+    let d = h.deploy("staging", "1.4.0-rc1").await;
+    assert_eq!(d.status, StatusCode::CREATED, "{}", d.body);
+    assert_eq!(s(&d.body["status"]), "pending");
+    let deploy_build = h.bk.created_builds().pop().unwrap();
+    assert_eq!(deploy_build.pipeline, "web-deploy");
+    assert_eq!(deploy_build.env["AVIATOR_DEPLOYMENT_ID"], d.body["id"]);
+    assert_eq!(
+        deploy_build.env["AVIATOR_RELEASE_CANDIDATE_VERSION"],
+        "1.4.0-rc1"
+    );
+    assert_eq!(deploy_build.env["AVIATOR_RELEASE_CUT_COMMIT_HASH"], SHA);
+    assert_eq!(deploy_build.env["TARGET"], "staging");
+    assert_eq!(deploy_build.commit, SHA);
+    let id = s(&d.body["id"]).to_string();
+    assert_eq!(
+        deploy_build.meta_data["kitebridge:deployment"],
+        json!(format!("web/staging/{id}"))
+    );
+    let second = h.deploy("staging", "1.4.0-rc1").await;
+    assert_eq!(
+        (second.status, s(&second.body["error"])),
+        (StatusCode::CONFLICT, "deployment_in_progress")
+    );
+    let env = h
+        .call("GET", "/projects/web/environments/staging", None)
+        .await;
+    assert_eq!(env.body["active_deployment"]["id"], json!(id));
+
+    h.progress("web-deploy", deploy_build.number, BuildState::Running)
+        .await;
+    let running = h
+        .call(
+            "GET",
+            &format!("/projects/web/environments/staging/deployments/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(s(&running.body["status"]), "in_progress");
+    h.progress("web-deploy", deploy_build.number, BuildState::Passed)
+        .await;
+    // A late `running` does not undo the success.
+    h.bk.set_build_state(ORG, "web-deploy", deploy_build.number, BuildState::Running);
+    h.redeliver(
+        "web-deploy",
+        deploy_build.number,
+        WebhookEvent::BuildRunning,
+    )
+    .await;
+    let done = h
+        .call(
+            "GET",
+            &format!("/projects/web/environments/staging/deployments/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(s(&done.body["status"]), "success");
+    assert!(done.body["finished_at"].is_string());
+    let env = h
+        .call("GET", "/projects/web/environments/staging", None)
+        .await;
+    assert_eq!(env.body["active_deployment"], Value::Null);
+    assert_eq!(
+        s(&env.body["last_successful_candidate_version"]),
+        "1.4.0-rc1"
+    );
+
+    // Now production may have it.
+    let prod = h
+        .deployed("production", "1.4.0-rc1", BuildState::Passed)
+        .await;
+    assert_eq!(s(&prod["status"]), "success");
+    let list = h
+        .call(
+            "GET",
+            "/projects/web/environments/production/deployments",
+            None,
+        )
+        .await;
+    assert_eq!(list.body["items"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn full_release_flow_on_sqlite() {
+    full_release_flow(sqlite()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn full_release_flow_on_dynamodb() {
+    full_release_flow(Store::new(kitebridge_tests::dynamodb().await)).await;
+}
+
+#[tokio::test]
+async fn versions_candidates_and_listing() {
+    let h = Harness::start(sqlite()).await;
+    h.project().await;
+    let cut = |body: Value| {
+        let h = &h;
+        async move { h.call("POST", "/projects/web/releases", Some(body)).await }
+    };
+    // No version: the next by the scheme.
+    let a = cut(json!({"commit": SHA, "branch": "main"})).await;
+    assert_eq!(s(&a.body["release"]["version"]), "0.1.0");
+    let a = cut(json!({"commit": SHA, "branch": "main", "version": "1.9.0"})).await;
+    assert_eq!(a.status, StatusCode::CREATED);
+    let a = cut(json!({"commit": SHA, "branch": "main"})).await;
+    assert_eq!(s(&a.body["release"]["version"]), "1.10.0");
+    let a = cut(json!({"commit": SHA, "branch": "main", "bump": "major"})).await;
+    assert_eq!(s(&a.body["release"]["version"]), "2.0.0");
+    // The same version again: the next candidate, on its own commit, with its own cut id.
+    let again = cut(json!({"commit": SHA2, "branch": "hotfix/1.9", "version": "1.9.0"})).await;
+    assert_eq!(again.status, StatusCode::CREATED);
+    assert_eq!(s(&again.body["candidate"]["version"]), "1.9.0-rc2");
+    assert_eq!(s(&again.body["candidate"]["commit"]), SHA2);
+    let last = h.bk.created_builds().pop().unwrap();
+    assert_eq!(
+        (last.commit.as_str(), last.branch.as_str()),
+        (SHA2, "hotfix/1.9")
+    );
+    assert_eq!(last.env["AVIATOR_RELEASE_CANDIDATE_VERSION"], "1.9.0-rc2");
+    assert_ne!(last.env["AVIATOR_RELEASE_CUT_ID"], json!(""));
+    let rel = h.call("GET", "/projects/web/releases/1.9.0", None).await;
+    let versions: Vec<&str> = rel.body["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| s(&c["version"]))
+        .collect();
+    assert_eq!(versions, ["1.9.0-rc1", "1.9.0-rc2"]);
+
+    // Newest first, paginated.
+    let p1 = h
+        .call("GET", "/projects/web/releases?per_page=3", None)
+        .await;
+    assert_eq!(p1.status, StatusCode::OK);
+    let names: Vec<&str> = p1.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| s(&r["version"]))
+        .collect();
+    assert_eq!(names, ["2.0.0", "1.10.0", "1.9.0"]);
+    let cursor = s(&p1.body["next_cursor"]).to_string();
+    let p2 = h
+        .call(
+            "GET",
+            &format!("/projects/web/releases?per_page=3&cursor={cursor}"),
+            None,
+        )
+        .await;
+    let names: Vec<&str> = p2.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| s(&r["version"]))
+        .collect();
+    assert_eq!(names, ["0.1.0"]);
+    assert_eq!(p2.body["next_cursor"], Value::Null);
+
+    // Calver, and a project without a build pipeline: built at once, nothing sent to Buildkite.
+    let before = h.created_builds();
+    let p = h
+        .call(
+            "PUT",
+            "/projects/cal",
+            Some(json!({"version_scheme": "calver", "environments": [{"name": "prod"}]})),
+        )
+        .await;
+    assert_eq!(p.status, StatusCode::CREATED);
+    let today = chrono::Utc::now().format("%Y.%m.%d").to_string();
+    let a = h
+        .call(
+            "POST",
+            "/projects/cal/releases",
+            Some(json!({"commit": SHA, "branch": "main"})),
+        )
+        .await;
+    assert_eq!(s(&a.body["release"]["version"]), today);
+    assert_eq!(s(&a.body["candidate"]["state"]), "built");
+    let a = h
+        .call(
+            "POST",
+            "/projects/cal/releases",
+            Some(json!({"commit": SHA, "branch": "main"})),
+        )
+        .await;
+    assert_eq!(s(&a.body["release"]["version"]), format!("{today}.1"));
+    let bad = h
+        .call(
+            "POST",
+            "/projects/cal/releases",
+            Some(json!({"commit": SHA, "branch": "main", "version": "1.0.0"})),
+        )
+        .await;
+    assert_eq!(
+        (bad.status, s(&bad.body["field"])),
+        (StatusCode::BAD_REQUEST, "version")
+    );
+    assert_eq!(h.created_builds(), before);
+    // Updating a project keeps its creation time.
+    let upd = h
+        .call(
+            "PUT",
+            "/projects/cal",
+            Some(json!({"version_scheme": "calver"})),
+        )
+        .await;
+    assert_eq!(upd.status, StatusCode::OK);
+    assert_eq!(upd.body["created_at"], p.body["created_at"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_cuts_get_unique_candidates_and_versions() {
+    let h = std::sync::Arc::new(Harness::start(sqlite()).await);
+    h.project().await;
+    let mut tasks = Vec::new();
+    for _ in 0..12 {
+        let h = h.clone();
+        tasks.push(tokio::spawn(async move {
+            h.call(
+                "POST",
+                "/projects/web/releases",
+                Some(json!({"commit": SHA, "branch": "main", "version": "3.0.0"})),
+            )
+            .await
+        }));
+    }
+    let mut numbers = BTreeSet::new();
+    for t in tasks {
+        let a = t.await.unwrap();
+        assert_eq!(a.status, StatusCode::CREATED, "{}", a.body);
+        numbers.insert(a.body["candidate"]["number"].as_u64().unwrap());
+    }
+    assert_eq!(numbers, (1..=12).collect::<BTreeSet<_>>());
+    assert_eq!(h.created_builds(), 12);
+
+    // Cuts without a version: each gets its own version.
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let h = h.clone();
+        tasks.push(tokio::spawn(async move {
+            h.call(
+                "POST",
+                "/projects/web/releases",
+                Some(json!({"commit": SHA, "branch": "main"})),
+            )
+            .await
+        }));
+    }
+    let mut versions = BTreeSet::new();
+    for t in tasks {
+        let a = t.await.unwrap();
+        assert_eq!(a.status, StatusCode::CREATED, "{}", a.body);
+        assert_eq!(
+            s(&a.body["candidate"]["version"])
+                .rsplit_once("-rc")
+                .unwrap()
+                .1,
+            "1"
+        );
+        versions.insert(s(&a.body["release"]["version"]).to_string());
+    }
+    assert_eq!(versions.len(), 8);
+    assert!(
+        versions.contains("3.1.0") && versions.contains("3.8.0"),
+        "{versions:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_deployments_one_wins_the_rest_conflict() {
+    let h = std::sync::Arc::new(Harness::start(sqlite()).await);
+    h.project().await;
+    let c = h.built("1.0.0", SHA).await;
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let h = h.clone();
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move { h.deploy("staging", &c).await }));
+    }
+    let mut codes = Vec::new();
+    for t in tasks {
+        let a = t.await.unwrap();
+        if a.status == StatusCode::CONFLICT {
+            assert_eq!(s(&a.body["error"]), "deployment_in_progress");
+        }
+        codes.push(a.status);
+    }
+    assert_eq!(
+        codes.iter().filter(|c| **c == StatusCode::CREATED).count(),
+        1,
+        "{codes:?}"
+    );
+    assert_eq!(
+        codes.iter().filter(|c| **c == StatusCode::CONFLICT).count(),
+        7
+    );
+    // One deploy build only.
+    let deploys =
+        h.bk.created_builds()
+            .iter()
+            .filter(|b| b.pipeline == "web-deploy")
+            .count();
+    assert_eq!(deploys, 1);
+}
+
+#[tokio::test]
+async fn authentication() {
+    let h = Harness::start(sqlite()).await;
+    h.project().await;
+    for headers in [
+        vec![],
+        vec![("authorization", "Bearer wrong")],
+        vec![("authorization", "Bearer releases-api-token-012")],
+        vec![("authorization", "Basic cmVsZWFzZXM6YXBp")],
+        vec![("authorization", API_TOKEN)],
+    ] {
+        for (method, path) in [("GET", "/projects/web"), ("POST", "/projects/web/releases")] {
+            let a = h
+                .call_with(
+                    method,
+                    path,
+                    Some(json!({"commit": SHA, "branch": "main"})),
+                    &headers,
+                )
+                .await;
+            assert_eq!(a.status, StatusCode::UNAUTHORIZED, "{headers:?}");
+            assert_eq!(s(&a.body["error"]), "unauthorized");
+            assert!(!a.body.to_string().contains(API_TOKEN));
+        }
+    }
+    assert_eq!(h.created_builds(), 0);
+    let ok = h
+        .call_with(
+            "GET",
+            "/projects/web",
+            None,
+            &[("authorization", &format!("bearer {API_TOKEN}"))],
+        )
+        .await;
+    assert_eq!(ok.status, StatusCode::OK);
+
+    // KITEBRIDGE_API_AUTH=iam: API Gateway authenticated the caller; no bearer check here.
+    let iam = Harness::start_with(sqlite(), |c| {
+        c.api_auth = kitebridge::config::ApiAuth::Iam;
+        c.api_token = None;
+    })
+    .await;
+    let a = iam
+        .call_with(
+            "PUT",
+            "/projects/web",
+            Some(json!({})),
+            &[("authorization", "AWS4-HMAC-SHA256 Credential=...")],
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::CREATED, "{}", a.body);
+}
+
+#[tokio::test]
+async fn bad_requests_name_the_field_and_missing_things_are_404() {
+    let h = Harness::start(sqlite()).await;
+    h.project().await;
+    let c = h.built("1.0.0", SHA).await;
+    let cases: Vec<(&str, &str, Option<Value>, StatusCode, &str)> = vec![
+        (
+            "POST",
+            "/projects/web/releases",
+            Some(json!({"branch": "main"})),
+            StatusCode::BAD_REQUEST,
+            "commit",
+        ),
+        (
+            "POST",
+            "/projects/web/releases",
+            Some(json!({"commit": "abc123", "branch": "main"})),
+            StatusCode::BAD_REQUEST,
+            "commit",
+        ),
+        (
+            "POST",
+            "/projects/web/releases",
+            Some(json!({"commit": SHA, "branch": ""})),
+            StatusCode::BAD_REQUEST,
+            "branch",
+        ),
+        (
+            "POST",
+            "/projects/web/releases",
+            Some(json!({"commit": SHA, "branch": "main", "version": "1.0"})),
+            StatusCode::BAD_REQUEST,
+            "version",
+        ),
+        (
+            "POST",
+            "/projects/web/releases",
+            Some(json!({"commit": SHA, "branch": "main", "version": "1.0.0-rc1"})),
+            StatusCode::BAD_REQUEST,
+            "version",
+        ),
+        (
+            "POST",
+            "/projects/web/releases",
+            Some(json!({"commit": SHA, "branch": "main", "extra": 1})),
+            StatusCode::BAD_REQUEST,
+            "extra",
+        ),
+        (
+            "POST",
+            "/projects/web/environments/staging/deployments",
+            Some(json!({"release_candidate_version": "1.0.0"})),
+            StatusCode::BAD_REQUEST,
+            "release_candidate_version",
+        ),
+        (
+            "PATCH",
+            "/projects/web/environments/manual/deployments",
+            Some(json!({"release_candidate_version": c, "status": "done"})),
+            StatusCode::BAD_REQUEST,
+            "status",
+        ),
+        (
+            "PUT",
+            "/projects/web/environments/staging/freeze",
+            Some(json!({"frozen": "yes"})),
+            StatusCode::BAD_REQUEST,
+            "frozen",
+        ),
+        (
+            "PUT",
+            "/projects/bad%20name",
+            Some(json!({})),
+            StatusCode::BAD_REQUEST,
+            "project",
+        ),
+        (
+            "PUT",
+            "/projects/x",
+            Some(json!({"environments": [{"name": "a", "requires": "b"}]})),
+            StatusCode::BAD_REQUEST,
+            "environments[0].requires",
+        ),
+        (
+            "PUT",
+            "/projects/x",
+            Some(json!({"env": {"AVIATOR_RELEASE_CUT_ID": "x"}})),
+            StatusCode::BAD_REQUEST,
+            "env.AVIATOR_RELEASE_CUT_ID",
+        ),
+        (
+            "PUT",
+            "/projects/x",
+            Some(json!({"version_scheme": "romver"})),
+            StatusCode::BAD_REQUEST,
+            "version_scheme",
+        ),
+        (
+            "GET",
+            "/projects/web/releases?per_page=500",
+            None,
+            StatusCode::BAD_REQUEST,
+            "per_page",
+        ),
+        (
+            "GET",
+            "/projects/web/releases?cursor=50524f4a454354",
+            None,
+            StatusCode::BAD_REQUEST,
+            "cursor",
+        ),
+    ];
+    for (method, path, body, status, field) in cases {
+        let a = h.call(method, path, body.clone()).await;
+        assert_eq!(a.status, status, "{method} {path} {body:?}: {}", a.body);
+        assert_eq!(s(&a.body["field"]), field, "{method} {path}: {}", a.body);
+        assert_eq!(s(&a.body["error"]), "invalid_request");
+        assert!(a.body["message"].is_string());
+    }
+    // Not JSON at all.
+    let mut req = Request::builder()
+        .method("POST")
+        .uri("/projects/web/releases");
+    req = req.header("authorization", format!("Bearer {API_TOKEN}"));
+    let resp = h
+        .app
+        .clone()
+        .oneshot(req.body(Body::from("{nope")).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+
+    let missing: Vec<(&str, &str, Option<Value>, &str)> = vec![
+        ("GET", "/projects/nope", None, "project_not_found"),
+        (
+            "POST",
+            "/projects/nope/releases",
+            Some(json!({"commit": SHA, "branch": "main"})),
+            "project_not_found",
+        ),
+        (
+            "GET",
+            "/projects/web/releases/9.9.9",
+            None,
+            "release_not_found",
+        ),
+        (
+            "POST",
+            "/projects/web/environments/qa/deployments",
+            Some(json!({"release_candidate_version": c})),
+            "environment_not_found",
+        ),
+        (
+            "POST",
+            "/projects/web/environments/staging/deployments",
+            Some(json!({"release_candidate_version": "1.0.0-rc7"})),
+            "candidate_not_found",
+        ),
+        (
+            "GET",
+            "/projects/web/environments/staging/deployments/01J000000000000000000000",
+            None,
+            "deployment_not_found",
+        ),
+        (
+            "PUT",
+            "/projects/web/environments/qa/freeze",
+            Some(json!({"frozen": true})),
+            "environment_not_found",
+        ),
+    ];
+    for (method, path, body, kind) in missing {
+        let a = h.call(method, path, body).await;
+        assert_eq!(
+            (a.status, s(&a.body["error"])),
+            (StatusCode::NOT_FOUND, kind),
+            "{method} {path}"
+        );
+    }
+    let a = h.call("GET", "/nowhere", None).await;
+    assert_eq!(a.status, StatusCode::NOT_FOUND);
+    let a = h.call("DELETE", "/projects/web", None).await;
+    assert_eq!(a.status, StatusCode::METHOD_NOT_ALLOWED);
+}
+
+/// Buildkite refuses (422, its message passed on) or is unreachable (502): nothing is left
+/// claiming to be building or holding an environment, and a retry with the same
+/// Idempotency-Key runs again.
+#[tokio::test]
+async fn buildkite_refusals_and_outages_leave_nothing_half_done() {
+    let h = Harness::start(sqlite()).await;
+    h.project().await;
+
+    // Injected 422 Validation Failed.
+    h.bk.inject_fault(Fault::Status(422), 1);
+    let key = [
+        ("authorization", format!("Bearer {API_TOKEN}")),
+        ("idempotency-key", "cut-1".to_string()),
+    ];
+    let key: Vec<(&str, &str)> = key.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let body = json!({"commit": SHA, "branch": "main", "version": "5.0.0"});
+    let a = h
+        .call_with("POST", "/projects/web/releases", Some(body.clone()), &key)
+        .await;
+    assert_eq!(
+        (a.status, s(&a.body["error"])),
+        (StatusCode::UNPROCESSABLE_ENTITY, "buildkite_refused")
+    );
+    assert!(s(&a.body["message"]).contains("422"), "{}", a.body);
+    let rel = h.call("GET", "/projects/web/releases/5.0.0", None).await;
+    let rc1 = &rel.body["candidates"][0];
+    assert_eq!(s(&rc1["state"]), "failed");
+    assert!(s(&rc1["error_message"]).contains("Buildkite refused"));
+    // The same key again: runs again (the failure was not kept), making rc2.
+    let a = h
+        .call_with("POST", "/projects/web/releases", Some(body.clone()), &key)
+        .await;
+    assert_eq!(a.status, StatusCode::CREATED, "{}", a.body);
+    assert!(!a.replayed);
+    assert_eq!(s(&a.body["candidate"]["version"]), "5.0.0-rc2");
+    assert_eq!(s(&a.body["candidate"]["state"]), "building");
+
+    // A pipeline Buildkite does not know: its 404 message is passed on as a refusal.
+    h.call(
+        "PUT",
+        "/projects/ghost",
+        Some(json!({"build_pipeline": {"organization": ORG, "pipeline": "ghost"}})),
+    )
+    .await;
+    let a = h
+        .call(
+            "POST",
+            "/projects/ghost/releases",
+            Some(json!({"commit": SHA, "branch": "main"})),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        s(&a.body["message"]).contains("No pipeline found"),
+        "{}",
+        a.body
+    );
+
+    // 5xx from Buildkite: 502; the candidate is failed with the reason.
+    h.bk.inject_fault(Fault::Status(503), 1);
+    let a = h
+        .call(
+            "POST",
+            "/projects/web/releases",
+            Some(json!({"commit": SHA, "branch": "main", "version": "6.0.0"})),
+        )
+        .await;
+    assert_eq!(
+        (a.status, s(&a.body["error"])),
+        (StatusCode::BAD_GATEWAY, "buildkite_unavailable")
+    );
+    let rel = h.call("GET", "/projects/web/releases/6.0.0", None).await;
+    assert_eq!(s(&rel.body["candidates"][0]["state"]), "failed");
+
+    // A deployment whose build cannot be created ends as `error` and frees the environment.
+    let c = h.built("7.0.0", SHA).await;
+    h.bk.inject_fault(Fault::DropConnection, 1);
+    let a = h.deploy("staging", &c).await;
+    assert_eq!(a.status, StatusCode::BAD_GATEWAY, "{}", a.body);
+    let list = h
+        .call(
+            "GET",
+            "/projects/web/environments/staging/deployments",
+            None,
+        )
+        .await;
+    let d = &list.body["items"][0];
+    assert_eq!(s(&d["status"]), "error");
+    assert!(d["error_message"].is_string());
+    let env = h
+        .call("GET", "/projects/web/environments/staging", None)
+        .await;
+    assert_eq!(env.body["active_deployment"], Value::Null);
+    h.bk.inject_fault(Fault::Status(422), 1);
+    let a = h.deploy("staging", &c).await;
+    assert_eq!(a.status, StatusCode::UNPROCESSABLE_ENTITY);
+    // Buildkite is back: the deployment goes through.
+    let a = h.deploy("staging", &c).await;
+    assert_eq!(a.status, StatusCode::CREATED, "{}", a.body);
+
+    // Buildkite not reachable at all (nothing listening).
+    let down = Harness::start_with(sqlite(), |c| {
+        c.buildkite.api_url = url::Url::parse("http://127.0.0.1:9").unwrap();
+    })
+    .await;
+    down.project().await;
+    let a = down
+        .call(
+            "POST",
+            "/projects/web/releases",
+            Some(json!({"commit": SHA, "branch": "main"})),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::BAD_GATEWAY, "{}", a.body);
+    let rel = down.call("GET", "/projects/web/releases/0.1.0", None).await;
+    assert_eq!(s(&rel.body["candidates"][0]["state"]), "failed");
+}
+
+#[tokio::test]
+async fn idempotency_keys_replay_the_first_answer() {
+    let h = Harness::start(sqlite()).await;
+    h.project().await;
+    let auth = format!("Bearer {API_TOKEN}");
+    let headers = [("authorization", auth.as_str()), ("idempotency-key", "k-1")];
+    let body = json!({"commit": SHA, "branch": "main"});
+    let first = h
+        .call_with(
+            "POST",
+            "/projects/web/releases",
+            Some(body.clone()),
+            &headers,
+        )
+        .await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    let again = h
+        .call_with(
+            "POST",
+            "/projects/web/releases",
+            Some(body.clone()),
+            &headers,
+        )
+        .await;
+    assert_eq!(again.status, StatusCode::CREATED);
+    assert!(again.replayed);
+    assert_eq!(again.body, first.body);
+    assert_eq!(h.created_builds(), 1);
+    let list = h.call("GET", "/projects/web/releases", None).await;
+    assert_eq!(list.body["items"].as_array().unwrap().len(), 1);
+    // The same key with another request.
+    let other = h
+        .call_with(
+            "POST",
+            "/projects/web/releases",
+            Some(json!({"commit": SHA2, "branch": "main"})),
+            &headers,
+        )
+        .await;
+    assert_eq!(
+        (other.status, s(&other.body["error"])),
+        (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused")
+    );
+    // Deployments too: one deploy build for two requests.
+    let number = first.body["candidate"]["build"]["number"].as_u64().unwrap();
+    h.progress("web-release", number, BuildState::Passed).await;
+    let c = s(&first.body["candidate"]["version"]).to_string();
+    let headers = [("authorization", auth.as_str()), ("idempotency-key", "d-1")];
+    let dbody = json!({"release_candidate_version": c});
+    let d1 = h
+        .call_with(
+            "POST",
+            "/projects/web/environments/staging/deployments",
+            Some(dbody.clone()),
+            &headers,
+        )
+        .await;
+    let d2 = h
+        .call_with(
+            "POST",
+            "/projects/web/environments/staging/deployments",
+            Some(dbody),
+            &headers,
+        )
+        .await;
+    assert_eq!(
+        (d1.status, d2.status),
+        (StatusCode::CREATED, StatusCode::CREATED)
+    );
+    assert_eq!(d1.body["id"], d2.body["id"]);
+    assert_eq!(h.created_builds(), 2);
+    let bad = h
+        .call_with(
+            "POST",
+            "/projects/web/releases",
+            Some(body),
+            &[("authorization", auth.as_str()), ("idempotency-key", "")],
+        )
+        .await;
+    assert_eq!(
+        (bad.status, s(&bad.body["field"])),
+        (StatusCode::BAD_REQUEST, "Idempotency-Key")
+    );
+}
+
+#[tokio::test]
+async fn rollback_after_success_and_after_failure() {
+    let h = Harness::start(sqlite()).await;
+    h.project().await;
+    let rollback = |force: bool| {
+        let h = &h;
+        async move {
+            h.call(
+                "POST",
+                "/projects/web/environments/staging/rollback",
+                Some(json!({"force": force})),
+            )
+            .await
+        }
+    };
+    // Nothing deployed: nothing to roll back.
+    let a = rollback(false).await;
+    assert_eq!(
+        (a.status, s(&a.body["error"])),
+        (StatusCode::CONFLICT, "nothing_to_roll_back")
+    );
+
+    let v1 = h.built("1.0.0", SHA).await;
+    let v2 = h.built("1.1.0", SHA2).await;
+    assert_eq!(
+        s(&h.deployed("staging", &v1, BuildState::Passed).await["status"]),
+        "success"
+    );
+    // Only one deployment ever succeeded: nothing ran before it.
+    let a = rollback(false).await;
+    assert_eq!(a.status, StatusCode::CONFLICT);
+    let d2 = h.deployed("staging", &v2, BuildState::Passed).await;
+    assert_eq!(s(&d2["from_candidate_version"]), v1);
+
+    // After a success: back to what ran before it.
+    let r = rollback(false).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    assert_eq!(
+        (
+            s(&r.body["candidate_version"]),
+            r.body["rollback"].as_bool()
+        ),
+        (v1.as_str(), Some(true))
+    );
+    let build = h.bk.created_builds().pop().unwrap();
+    assert_eq!(build.env["AVIATOR_RELEASE_CANDIDATE_VERSION"], json!(v1));
+    assert_eq!(build.commit, SHA);
+    // While it runs, another rollback waits.
+    let busy = rollback(false).await;
+    assert_eq!(
+        (busy.status, s(&busy.body["error"])),
+        (StatusCode::CONFLICT, "deployment_in_progress")
+    );
+    h.progress("web-deploy", build.number, BuildState::Passed)
+        .await;
+
+    // Deploy v2 again, it fails: the rollback goes to the last good one (v1).
+    let failed = h.deployed("staging", &v2, BuildState::Failed).await;
+    assert_eq!(s(&failed["status"]), "failure");
+    assert!(s(&failed["error_message"]).contains("failed"));
+    let r = rollback(false).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    assert_eq!(s(&r.body["candidate_version"]), v1);
+}
+
+#[tokio::test]
+async fn frozen_environments_refuse_unless_forced() {
+    let h = Harness::start(sqlite()).await;
+    h.project().await;
+    let v1 = h.built("1.0.0", SHA).await;
+    let v2 = h.built("1.1.0", SHA2).await;
+    h.deployed("staging", &v1, BuildState::Passed).await;
+    h.deployed("staging", &v2, BuildState::Passed).await;
+    let f = h
+        .call(
+            "PUT",
+            "/projects/web/environments/staging/freeze",
+            Some(json!({"frozen": true, "reason": "quarter end"})),
+        )
+        .await;
+    assert_eq!(
+        (f.status, f.body["frozen"].as_bool()),
+        (StatusCode::OK, Some(true))
+    );
+    let builds = h.created_builds();
+    let a = h.deploy("staging", &v1).await;
+    assert_eq!(
+        (a.status, s(&a.body["error"])),
+        (StatusCode::CONFLICT, "environment_frozen")
+    );
+    assert!(s(&a.body["message"]).contains("quarter end"));
+    let a = h
+        .call(
+            "POST",
+            "/projects/web/environments/staging/rollback",
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(
+        (a.status, s(&a.body["error"])),
+        (StatusCode::CONFLICT, "environment_frozen")
+    );
+    let a = h
+        .call("POST", "/projects/web/environments/staging/rollback", None)
+        .await;
+    assert_eq!(a.status, StatusCode::CONFLICT);
+    assert_eq!(h.created_builds(), builds);
+    // Forced: goes through, and says so.
+    let a = h
+        .call(
+            "POST",
+            "/projects/web/environments/staging/rollback",
+            Some(json!({"force": true})),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::CREATED, "{}", a.body);
+    assert_eq!(a.body["forced"].as_bool(), Some(true));
+    h.progress(
+        "web-deploy",
+        a.body["build"]["number"].as_u64().unwrap(),
+        BuildState::Passed,
+    )
+    .await;
+    // Other environments are not frozen; unfreezing opens this one again.
+    let u = h
+        .call("DELETE", "/projects/web/environments/staging/freeze", None)
+        .await;
+    assert_eq!(u.body["frozen"].as_bool(), Some(false));
+    let a = h.deploy("staging", &v2).await;
+    assert_eq!(a.status, StatusCode::CREATED, "{}", a.body);
+    assert_eq!(a.body["forced"].as_bool(), Some(false));
+}
+
+#[tokio::test]
+async fn status_by_patch_for_environments_without_a_pipeline() {
+    let h = Harness::start(sqlite()).await;
+    h.project().await;
+    let v1 = h.built("1.0.0", SHA).await;
+    let patch = |status: &str| {
+        let h = &h;
+        let body = json!({"release_candidate_version": v1, "status": status});
+        async move {
+            h.call(
+                "PATCH",
+                "/projects/web/environments/manual/deployments",
+                Some(body),
+            )
+            .await
+        }
+    };
+    let builds = h.created_builds();
+    // Upsert: the first update creates the deployment (no workflow is triggered).
+    let a = patch("in_progress").await;
+    assert_eq!(a.status, StatusCode::CREATED, "{}", a.body);
+    assert_eq!(s(&a.body["status"]), "in_progress");
+    let id = s(&a.body["id"]).to_string();
+    let a = patch("in_progress").await;
+    assert_eq!((a.status, s(&a.body["id"])), (StatusCode::OK, id.as_str()));
+    let a = patch("pending").await;
+    assert_eq!(
+        (a.status, s(&a.body["error"])),
+        (StatusCode::CONFLICT, "status_not_allowed")
+    );
+    let a = patch("success").await;
+    assert_eq!(
+        (a.status, s(&a.body["status"])),
+        (StatusCode::OK, "success")
+    );
+    // Repeating the final status is harmless; changing a finished one is refused.
+    let a = patch("success").await;
+    assert_eq!((a.status, s(&a.body["id"])), (StatusCode::OK, id.as_str()));
+    assert_eq!(h.created_builds(), builds);
+    let env = h
+        .call("GET", "/projects/web/environments/manual", None)
+        .await;
+    assert_eq!(s(&env.body["last_successful_candidate_version"]), v1);
+    // An environment with a deploy pipeline takes its status from builds.
+    let a = h
+        .call(
+            "PATCH",
+            "/projects/web/environments/staging/deployments",
+            Some(json!({"release_candidate_version": v1, "status": "success"})),
+        )
+        .await;
+    assert_eq!(
+        (a.status, s(&a.body["error"])),
+        (StatusCode::CONFLICT, "environment_has_pipeline")
+    );
+    // Deploying by POST to such an environment leaves it pending until a PATCH says more.
+    let d = h.deploy("manual", &v1).await;
+    assert_eq!(
+        (d.status, s(&d.body["status"])),
+        (StatusCode::CREATED, "pending")
+    );
+    let a = patch("failure").await;
+    assert_eq!(
+        (s(&a.body["id"]), s(&a.body["status"])),
+        (s(&d.body["id"]), "failure")
+    );
+}
+
+#[tokio::test]
+async fn stuck_deployments_become_error() {
+    let h = Harness::start_with(sqlite(), |c| {
+        c.deployment_timeout = Duration::from_millis(300);
+    })
+    .await;
+    h.project().await;
+    let v1 = h.built("1.0.0", SHA).await;
+    let staged = h.deploy("staging", &v1).await;
+    let manual = h.deploy("manual", &v1).await;
+    assert_eq!(
+        (staged.status, manual.status),
+        (StatusCode::CREATED, StatusCode::CREATED)
+    );
+
+    // Nothing is stuck yet.
+    let swept = kitebridge::release::sweep_stuck(&h.state.store, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert_eq!(swept, 0);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Reading applies the rule.
+    let id = s(&manual.body["id"]);
+    let a = h
+        .call(
+            "GET",
+            &format!("/projects/web/environments/manual/deployments/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(s(&a.body["status"]), "error");
+    assert!(s(&a.body["error_message"]).contains("did not change"));
+    // The sweep finds the other one (the manual one is done already).
+    let swept = kitebridge::release::sweep_stuck(&h.state.store, Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert_eq!(swept, 1);
+    let again = kitebridge::release::sweep_stuck(&h.state.store, Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert_eq!(again, 0);
+    let env = h
+        .call("GET", "/projects/web/environments/staging", None)
+        .await;
+    assert_eq!(env.body["active_deployment"], Value::Null);
+    // A late success of the expired deploy build does not revive it.
+    let number = staged.body["build"]["number"].as_u64().unwrap();
+    h.progress("web-deploy", number, BuildState::Passed).await;
+    let id = s(&staged.body["id"]);
+    let a = h
+        .call(
+            "GET",
+            &format!("/projects/web/environments/staging/deployments/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(s(&a.body["status"]), "error");
+    // And the environment is free again.
+    let d = h.deploy("staging", &v1).await;
+    assert_eq!(d.status, StatusCode::CREATED, "{}", d.body);
+}
+
+#[tokio::test]
+async fn builds_kitebridge_did_not_create_are_ignored() {
+    let h = Harness::start(sqlite()).await;
+    h.project().await;
+    let other = h.bk.add_build(
+        kitebridge_fakes::Build::new(ORG, "web-release", SHA, "main")
+            .with_state(BuildState::Passed),
+    );
+    h.redeliver("web-release", other.number, WebhookEvent::BuildFinished)
+        .await;
+    let a = h
+        .call(
+            "POST",
+            "/projects/web/releases",
+            Some(json!({"commit": SHA, "branch": "main", "version": "1.0.0"})),
+        )
+        .await;
+    let number = a.body["candidate"]["build"]["number"].as_u64().unwrap();
+    // A failing build is still building; failed is final, and a canceled delivery after it
+    // changes nothing.
+    h.progress("web-release", number, BuildState::Failing).await;
+    let rel = h.call("GET", "/projects/web/releases/1.0.0", None).await;
+    assert_eq!(s(&rel.body["candidates"][0]["state"]), "building");
+    assert_eq!(s(&rel.body["candidates"][0]["build_state"]), "failing");
+    h.progress("web-release", number, BuildState::Failed).await;
+    h.progress("web-release", number, BuildState::Canceled)
+        .await;
+    let rel = h.call("GET", "/projects/web/releases/1.0.0", None).await;
+    assert_eq!(s(&rel.body["candidates"][0]["state"]), "failed");
+    assert_eq!(s(&rel.body["candidates"][0]["build_state"]), "failed");
+}
