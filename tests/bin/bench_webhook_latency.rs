@@ -9,13 +9,14 @@
 //!   time from just before sending to the moment the fake Bitbucket accepted the status post
 //!   (its `posted_at`), and the webhook's own round trip.
 //!
-//! Usage: `bench-webhook-latency [--bin PATH] [--n N]` (default: `$CARGO_TARGET_DIR/release/
-//! kitebridge`, else `target/release/kitebridge`; N = 2000).
+//! Usage: `bench-webhook-latency [--bin PATH] [--n N] [--env NAME=VALUE]...` (default:
+//! `$CARGO_TARGET_DIR/release/kitebridge`, else `target/release/kitebridge`; N = 2000; `--env`
+//! adds a variable to kitebridge's otherwise cleared environment).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -34,6 +35,8 @@ const WARM_UP: usize = 50;
 struct Args {
     bin: PathBuf,
     n: usize,
+    /// Extra `NAME=VALUE` variables for kitebridge (e.g. `SSL_CERT_FILE=...`).
+    env: Vec<(String, String)>,
 }
 
 fn args() -> Args {
@@ -41,12 +44,17 @@ fn args() -> Args {
     let mut out = Args {
         bin: PathBuf::from(target).join("release").join("kitebridge"),
         n: 2000,
+        env: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match (a.as_str(), it.next()) {
             ("--bin", Some(v)) => out.bin = v.into(),
             ("--n", Some(v)) => out.n = v.parse().unwrap_or_else(|_| usage()),
+            ("--env", Some(v)) => match v.split_once('=') {
+                Some((k, v)) => out.env.push((k.to_owned(), v.to_owned())),
+                None => usage(),
+            },
             _ => usage(),
         }
     }
@@ -54,7 +62,9 @@ fn args() -> Args {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: bench-webhook-latency [--bin PATH_TO_KITEBRIDGE] [--n DELIVERIES]");
+    eprintln!(
+        "usage: bench-webhook-latency [--bin PATH_TO_KITEBRIDGE] [--n DELIVERIES] [--env NAME=VALUE]..."
+    );
     std::process::exit(2)
 }
 
@@ -96,6 +106,58 @@ fn summary(name: &str, mut ms: Vec<f64>) {
     );
 }
 
+/// Spawns `kitebridge serve`, then polls `GET /healthz` as fast as the loopback allows; prints
+/// the time to the first answer (and to the "kitebridge serving" log line).
+fn start(bin: &Path, env: &[(&str, String)], port: u16, what: &str) -> Child {
+    let listen = format!("127.0.0.1:{port}");
+    let started = Instant::now();
+    let mut child = Command::new(bin)
+        .args(["serve", "--listen", &listen])
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+    let (tx, rx) = mpsc::channel::<Duration>();
+    if let Some(err) = child.stderr.take() {
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if !sent && line.contains("kitebridge serving") {
+                    let _ = tx.send(started.elapsed());
+                    sent = true;
+                }
+                eprintln!("  [kitebridge] {line}");
+            }
+        });
+    }
+    let (ready, first_status) = loop {
+        if let Some(code) = healthz(port) {
+            break (started.elapsed(), code);
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("kitebridge exited during start-up: {status}");
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("kitebridge did not answer within 30 s");
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    };
+    let listening = rx.recv_timeout(Duration::from_secs(5)).ok();
+    println!(
+        "cold start, {what}: first answered GET /healthz ({first_status}) after {:.2} ms; \"kitebridge serving\" line after {}",
+        ready.as_secs_f64() * 1e3,
+        listening.map_or("(not seen)".to_owned(), |d| format!(
+            "{:.2} ms",
+            d.as_secs_f64() * 1e3
+        ))
+    );
+    child
+}
+
 fn main() {
     let args = args();
     if !args.bin.is_file() {
@@ -129,64 +191,28 @@ fn main() {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
 
-    // Cold start: spawn, then poll /healthz as fast as the loopback allows.
-    let started = Instant::now();
-    let mut child = Command::new(&args.bin)
-        .args(["serve", "--listen", &listen])
-        .env_clear()
-        .env("BITBUCKET_URL", bb.url())
-        .env("BITBUCKET_TOKEN", DEFAULT_BITBUCKET_TOKEN)
-        .env("BUILDKITE_API_URL", bk.url())
-        .env("BUILDKITE_API_TOKEN", DEFAULT_BUILDKITE_TOKEN)
-        .env("BUILDKITE_ORGANIZATION", ORG)
-        .env("BUILDKITE_WEBHOOK_TOKEN", TOKEN)
-        .env("KITEBRIDGE_API_TOKEN", "bench-api-token")
-        .env("KITEBRIDGE_DB", dir.join("kitebridge.db"))
-        .env("MONITOR_POLLING_INTERVAL", "86400")
+    let mut env: Vec<(&str, String)> = vec![
+        ("BITBUCKET_URL", bb.url()),
+        ("BITBUCKET_TOKEN", DEFAULT_BITBUCKET_TOKEN.into()),
+        ("BUILDKITE_API_URL", bk.url()),
+        ("BUILDKITE_API_TOKEN", DEFAULT_BUILDKITE_TOKEN.into()),
+        ("BUILDKITE_ORGANIZATION", ORG.into()),
+        ("BUILDKITE_WEBHOOK_TOKEN", TOKEN.into()),
+        ("KITEBRIDGE_API_TOKEN", "bench-api-token".into()),
+        (
+            "KITEBRIDGE_DB",
+            dir.join("kitebridge.db").display().to_string(),
+        ),
+        ("MONITOR_POLLING_INTERVAL", "86400".into()),
         // Start-up lines only: per-delivery lines stay off, as with the default level.
-        .env("RUST_LOG", "warn,kitebridge=info,kitebridge::webhook=warn")
-        .env("KITEBRIDGE_LOG_FORMAT", "text")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}", args.bin.display()));
-    let (tx, rx) = mpsc::channel::<Duration>();
-    if let Some(err) = child.stderr.take() {
-        std::thread::spawn(move || {
-            let mut sent = false;
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if !sent && line.contains("kitebridge serving") {
-                    let _ = tx.send(started.elapsed());
-                    sent = true;
-                }
-                eprintln!("  [kitebridge] {line}");
-            }
-        });
-    }
-    let (ready, first_status) = loop {
-        if let Some(code) = healthz(port) {
-            break (started.elapsed(), code);
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("kitebridge exited during start-up: {status}");
-        }
-        if started.elapsed() > Duration::from_secs(30) {
-            let _ = child.kill();
-            panic!("kitebridge did not answer within 30 s");
-        }
-        std::thread::sleep(Duration::from_micros(200));
-    };
-    let listening = rx.recv_timeout(Duration::from_secs(5)).ok();
-    println!(
-        "cold start: first answered GET /healthz ({first_status}) after {:.2} ms; \"listening\" line after {}",
-        ready.as_secs_f64() * 1e3,
-        listening.map_or("(not seen)".to_owned(), |d| format!(
-            "{:.2} ms",
-            d.as_secs_f64() * 1e3
-        ))
-    );
-
+        (
+            "RUST_LOG",
+            "warn,kitebridge=info,kitebridge::webhook=warn".into(),
+        ),
+        ("KITEBRIDGE_LOG_FORMAT", "text".into()),
+    ];
+    env.extend(args.env.iter().map(|(k, v)| (k.as_str(), v.clone())));
+    let mut child = start(&args.bin, &env, port, "first start (new store)");
     // Deliveries, one after another, over one keep-alive connection.
     let url = format!("http://{listen}/webhooks/buildkite");
     let client = reqwest::Client::builder()
@@ -251,7 +277,10 @@ fn main() {
     summary("webhook sent -> Bitbucket status received", to_post);
     summary("webhook round trip (200 answered)", round_trips);
 
-    // Stop the process we started (by its id) and remove its store.
+    // Stop the process we started (by its id), then time a restart on the same store.
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut child = start(&args.bin, &env, free_port(), "restart (existing store)");
     let _ = child.kill();
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
