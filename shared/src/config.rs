@@ -112,6 +112,8 @@ pub struct BuildkiteConfig {
     pub webhook_tokens: Vec<Secret>,
     /// Largest accepted distance between a signed webhook's timestamp and now.
     pub webhook_max_skew: Duration,
+    /// Largest webhook body accepted, in bytes (`KITEBRIDGE_WEBHOOK_MAX_BODY`; larger: 413).
+    pub webhook_max_body: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -256,6 +258,9 @@ impl Config {
                 300,
                 1..=86_400,
             )),
+            // 1 MiB by default; at most 6 MiB, the largest request a Lambda function can receive.
+            webhook_max_body: p.number("KITEBRIDGE_WEBHOOK_MAX_BODY", 1 << 20, 1024..=6 << 20)
+                as usize,
         };
 
         let api = p.bitbucket_api();

@@ -37,6 +37,7 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .merge(crate::webhook::routes())
         .merge(crate::release::api::routes())
         .fallback(not_found)
         .with_state(state)

@@ -30,5 +30,6 @@ pub mod serve;
 pub mod status;
 pub mod store;
 pub mod telemetry;
+pub mod webhook;
 
 pub use error::Error;
