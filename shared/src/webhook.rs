@@ -402,6 +402,8 @@ async fn build_event(state: &AppState, payload: &WebhookPayload, trace: &mut Tra
                 Outcome::Posted => (StatusCode::OK, "posted"),
                 Outcome::AlreadyReported => (StatusCode::OK, "already_reported"),
                 Outcome::Superseded => (StatusCode::OK, "superseded"),
+                // Another delivery (or the poller) is posting this very status right now.
+                Outcome::InFlight => (StatusCode::OK, "in_flight"),
                 Outcome::Deferred { error } => {
                     trace.detail = Some(error);
                     set(
