@@ -35,6 +35,7 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .merge(crate::rules::api::routes())
         .fallback(not_found)
         .with_state(state)
 }
