@@ -102,11 +102,7 @@ async fn list(State(state): State<AppState>, headers: HeaderMap) -> Response {
         .map(|r| view(&r.name, "config", &document_json(r)))
         .collect();
     match state.store.rules().await {
-        Ok(stored) => rules.extend(
-            stored
-                .iter()
-                .map(|s| view(&s.name, "store", &s.document)),
-        ),
+        Ok(stored) => rules.extend(stored.iter().map(|s| view(&s.name, "store", &s.document))),
         Err(e) => return store_failed(&e),
     }
     Json(json!({ "rules": rules })).into_response()

@@ -34,14 +34,14 @@ use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 
 use super::{Decision, META_RULE, META_SOURCE_BUILD_ID, Rule, RuleError, SourceBuild};
-use crate::buildkite::client::BuildkiteClient;
 use crate::buildkite::client::BuildFilter;
+use crate::buildkite::client::BuildkiteClient;
 use crate::buildkite::model::Build;
 use crate::config::Config;
 use crate::observe::{BuildObserver, ObserveError};
 use crate::store::{
-    Store,
-    Firing, FiringClaim, FiringStore, PendingFiring, PendingFiringStore, RuleStore, StoreError,
+    Firing, FiringClaim, FiringStore, PendingFiring, PendingFiringStore, RuleStore, Store,
+    StoreError,
 };
 
 /// How long a claim holds before another caller may take over (longer than a create-build
@@ -114,10 +114,13 @@ impl RuleFirer {
         http: reqwest::Client,
         store: Store,
     ) -> Result<Arc<dyn BuildObserver>, crate::Error> {
-        let rules = super::config_rules(config).map_err(|e| crate::Error::Startup(e.to_string()))?;
-        let client = config.buildkite.token.clone().map(|token| {
-            BuildkiteClient::new(http, config.buildkite.api_url.clone(), token)
-        });
+        let rules =
+            super::config_rules(config).map_err(|e| crate::Error::Startup(e.to_string()))?;
+        let client = config
+            .buildkite
+            .token
+            .clone()
+            .map(|token| BuildkiteClient::new(http, config.buildkite.api_url.clone(), token));
         if client.is_none() && !rules.is_empty() {
             return Err(crate::Error::Startup(
                 "BUILDKITE_API_TOKEN: required to fire the trigger rules of KITEBRIDGE_RULES / KITEBRIDGE_RULES_FILE"
@@ -143,7 +146,9 @@ impl RuleFirer {
             }
             match Rule::from_json(&stored.name, stored.document) {
                 Ok(r) => rules.push(r),
-                Err(e) => tracing::warn!(rule = %e.rule, kind = %e.kind, error = %e.message, "stored rule refused"),
+                Err(e) => {
+                    tracing::warn!(rule = %e.rule, kind = %e.kind, error = %e.message, "stored rule refused")
+                }
             }
         }
         Ok(rules)
@@ -179,7 +184,11 @@ impl RuleFirer {
                     tracing::debug!(rule = %rule.name, build = %source.describe(), reason = %why, "rule not triggered");
                     continue;
                 }
-                Err(RuleError { rule, kind, message }) => {
+                Err(RuleError {
+                    rule,
+                    kind,
+                    message,
+                }) => {
                     // The rule itself is at fault (a `${X?}` unset, a runtime error): retrying
                     // cannot help, so say it loudly and go on with the other rules.
                     tracing::warn!(%rule, %kind, error = %message, build = %source.describe(), "rule failed to evaluate");

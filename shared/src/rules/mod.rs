@@ -318,7 +318,11 @@ impl Rule {
         ]
         .into_iter()
         .filter_map(|(f, t)| t.map(|t| (f.to_owned(), t)))
-        .chain(b.env.iter().map(|(k, t)| (format!("build.env.{k}"), t.as_str())))
+        .chain(
+            b.env
+                .iter()
+                .map(|(k, t)| (format!("build.env.{k}"), t.as_str())),
+        )
         .chain(
             b.meta_data
                 .iter()
@@ -357,7 +361,8 @@ impl Rule {
     /// Whether a build of `organization/slug` is this rule's source. `default_org` is the
     /// configured organization, if exactly one is configured.
     pub fn is_source(&self, organization: &str, slug: &str, default_org: Option<&str>) -> bool {
-        self.source.slug == slug && self.source.organization(default_org, organization) == organization
+        self.source.slug == slug
+            && self.source.organization(default_org, organization) == organization
     }
 
     /// Evaluates the rule for a source build (which must be its source: see [`Rule::is_source`]).
@@ -453,7 +458,26 @@ pub fn is_finished(build: &Build) -> bool {
 /// Reads a rules file or variable: a JSON array of `{"name", "rule", "value"}`, or an object of
 /// name to `{"rule", "value"}`. Each rule is validated; every error is returned.
 pub fn parse_rules(json: &str) -> Result<Vec<Rule>, Vec<RuleError>> {
-    let whole = |m: String| vec![RuleError::new("*", RuleErrorKind::Document, m)];
+    let each = parse_rules_each(json).map_err(|e| vec![e])?;
+    let mut rules = Vec::with_capacity(each.len());
+    let mut errors = Vec::new();
+    for r in each {
+        match r {
+            Ok(r) => rules.push(r),
+            Err(e) => errors.push(e),
+        }
+    }
+    if errors.is_empty() {
+        Ok(rules)
+    } else {
+        Err(errors)
+    }
+}
+
+/// Like [`parse_rules`], but one result per rule, in order (for dry runs that report each).
+/// The error is for a text that is not a rules document at all (rule `*`).
+pub fn parse_rules_each(json: &str) -> Result<Vec<Result<Rule, RuleError>>, RuleError> {
+    let whole = |m: String| RuleError::new("*", RuleErrorKind::Document, m);
     let value: Value = serde_json::from_str(json).map_err(|e| whole(format!("not JSON: {e}")))?;
     let named: Vec<(String, Value)> = match value {
         Value::Object(map) => map.into_iter().collect(),
@@ -476,27 +500,20 @@ pub fn parse_rules(json: &str) -> Result<Vec<Rule>, Vec<RuleError>> {
             ));
         }
     };
-    let mut rules = Vec::new();
-    let mut errors = Vec::new();
-    for (name, doc) in named {
-        if rules.iter().any(|r: &Rule| r.name == name) {
-            errors.push(RuleError::new(
-                &name,
-                RuleErrorKind::Document,
-                "defined twice",
-            ));
-            continue;
-        }
-        match Rule::from_json(&name, doc) {
-            Ok(r) => rules.push(r),
-            Err(e) => errors.push(e),
-        }
-    }
-    if errors.is_empty() {
-        Ok(rules)
-    } else {
-        Err(errors)
-    }
+    let mut seen = std::collections::HashSet::new();
+    Ok(named
+        .into_iter()
+        .map(|(name, doc)| {
+            if !seen.insert(name.clone()) {
+                return Err(RuleError::new(
+                    &name,
+                    RuleErrorKind::Document,
+                    "defined twice",
+                ));
+            }
+            Rule::from_json(&name, doc)
+        })
+        .collect())
 }
 
 /// Why the configured rules cannot be used.

@@ -52,7 +52,10 @@ fn triggers_with_interpolated_fields_and_meta_data() {
     else {
         panic!("expected a trigger")
     };
-    assert_eq!((organization.as_str(), pipeline.as_str()), ("acme-inc", "web-deploy"));
+    assert_eq!(
+        (organization.as_str(), pipeline.as_str()),
+        ("acme-inc", "web-deploy")
+    );
     assert_eq!(build.commit, p.build.commit);
     assert_eq!(build.branch, "main");
     assert_eq!(build.message, "Deploy 4e1f0c9 from #1842");
@@ -94,16 +97,56 @@ fn pull_request_variables_and_env() {
 #[test]
 fn load_errors_name_the_rule_and_the_problem() {
     let cases = [
-        (json!({"source_pipeline": "a", "target_pipeline": "b", "conditions": ["build.branch == 'x'"]}), RuleErrorKind::Validation, "conditions[0]"),
-        (json!({"source_pipeline": "a", "target_pipeline": "b", "conditions": ["source.build.branch =="]}), RuleErrorKind::Parse, "conditions[0]"),
-        (json!({"source_pipeline": "a", "target_pipeline": "b", "conditions": ["source.build.branch =~ /(?<=a)b/"]}), RuleErrorKind::Parse, "conditions[0]"),
-        (json!({"source_pipeline": "a", "target_pipeline": "b", "conditions": ["source.build.state == 'done'"]}), RuleErrorKind::Validation, "not a valid"),
-        (json!({"source_pipeline": "a", "target_pipeline": "b", "conditions": ["'x'"]}), RuleErrorKind::Result, "conditions[0]"),
-        (json!({"source_pipeline": "a/b/c", "target_pipeline": "b"}), RuleErrorKind::Document, "source_pipeline"),
-        (json!({"source_pipeline": "a", "target_pipeline": ""}), RuleErrorKind::Document, "target_pipeline"),
-        (json!({"source_pipeline": "a", "target_pipeline": "b", "condition": []}), RuleErrorKind::Document, "condition"),
-        (json!({"source_pipeline": "a", "target_pipeline": "b", "build": {"message": "${X:+y}"}}), RuleErrorKind::Interpolation, "build.message"),
-        (json!({"source_pipeline": "a", "target_pipeline": "b", "build": {"env": {"A": "${_X}"}}}), RuleErrorKind::Interpolation, "build.env.A"),
+        (
+            json!({"source_pipeline": "a", "target_pipeline": "b", "conditions": ["build.branch == 'x'"]}),
+            RuleErrorKind::Validation,
+            "conditions[0]",
+        ),
+        (
+            json!({"source_pipeline": "a", "target_pipeline": "b", "conditions": ["source.build.branch =="]}),
+            RuleErrorKind::Parse,
+            "conditions[0]",
+        ),
+        (
+            json!({"source_pipeline": "a", "target_pipeline": "b", "conditions": ["source.build.branch =~ /(?<=a)b/"]}),
+            RuleErrorKind::Parse,
+            "conditions[0]",
+        ),
+        (
+            json!({"source_pipeline": "a", "target_pipeline": "b", "conditions": ["source.build.state == 'done'"]}),
+            RuleErrorKind::Validation,
+            "not a valid",
+        ),
+        (
+            json!({"source_pipeline": "a", "target_pipeline": "b", "conditions": ["'x'"]}),
+            RuleErrorKind::Result,
+            "conditions[0]",
+        ),
+        (
+            json!({"source_pipeline": "a/b/c", "target_pipeline": "b"}),
+            RuleErrorKind::Document,
+            "source_pipeline",
+        ),
+        (
+            json!({"source_pipeline": "a", "target_pipeline": ""}),
+            RuleErrorKind::Document,
+            "target_pipeline",
+        ),
+        (
+            json!({"source_pipeline": "a", "target_pipeline": "b", "condition": []}),
+            RuleErrorKind::Document,
+            "condition",
+        ),
+        (
+            json!({"source_pipeline": "a", "target_pipeline": "b", "build": {"message": "${X:+y}"}}),
+            RuleErrorKind::Interpolation,
+            "build.message",
+        ),
+        (
+            json!({"source_pipeline": "a", "target_pipeline": "b", "build": {"env": {"A": "${_X}"}}}),
+            RuleErrorKind::Interpolation,
+            "build.env.A",
+        ),
     ];
     for (value, kind, needle) in cases {
         let e = rule(value.clone()).unwrap_err();
@@ -126,8 +169,16 @@ fn runtime_errors_are_rule_errors() {
     assert!(e.message.contains("$MISSING: set it"), "{e}");
     let r = rule(json!({"source_pipeline": "web-app", "target_pipeline": "b", "conditions": ["${MISSING:?} == 'x'"]})).unwrap();
     assert_eq!(decide(&r, &p).unwrap_err().kind, RuleErrorKind::Evaluation);
-    let r = rule(json!({"source_pipeline": "web-app", "target_pipeline": "b", "build": {"branch": "$NOPE"}})).unwrap();
-    assert!(decide(&r, &p).unwrap_err().message.contains("branch is empty"));
+    let r = rule(
+        json!({"source_pipeline": "web-app", "target_pipeline": "b", "build": {"branch": "$NOPE"}}),
+    )
+    .unwrap();
+    assert!(
+        decide(&r, &p)
+            .unwrap_err()
+            .message
+            .contains("branch is empty")
+    );
 }
 
 #[test]

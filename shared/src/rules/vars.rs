@@ -113,7 +113,10 @@ pub fn environment(source: &SourceBuild<'_>) -> HashMap<String, String> {
     let tf = |k: &str| extra_str(&b.extra, &["triggered_from", k]);
     set("BUILDKITE_BRANCH", b.branch.clone());
     set("BUILDKITE_TAG", Some(b.tag.clone().unwrap_or_default()));
-    set("BUILDKITE_MESSAGE", Some(b.message.clone().unwrap_or_default()));
+    set(
+        "BUILDKITE_MESSAGE",
+        Some(b.message.clone().unwrap_or_default()),
+    );
     set("BUILDKITE_COMMIT", Some(b.commit.clone()));
     set("BUILDKITE_REPO", p.and_then(|p| p.repository.clone()));
     set("BUILDKITE_PIPELINE_SLUG", source.pipeline_slug());
@@ -224,7 +227,10 @@ pub fn variables(
     put("build.commit", json!(b.commit));
     put("build.number", json!(b.number));
     let creator = b.creator.as_ref();
-    put("build.creator.id", opt(creator.and_then(|c| c.id.as_deref())));
+    put(
+        "build.creator.id",
+        opt(creator.and_then(|c| c.id.as_deref())),
+    );
     put(
         "build.creator.name",
         opt(creator.and_then(|c| c.name.as_deref())),
@@ -250,7 +256,9 @@ pub fn variables(
     let author_email = author.and_then(|a| a.email.as_deref());
     put(
         "build.author.id",
-        opt(author.and_then(|a| a.extra.get("id")).and_then(Value::as_str)),
+        opt(author
+            .and_then(|a| a.extra.get("id"))
+            .and_then(Value::as_str)),
     );
     put("build.author.name", presence(author_name));
     put("build.author.email", presence(author_email));
@@ -263,7 +271,10 @@ pub fn variables(
     put("build.scm.committer.name", Value::Null);
     put("build.scm.committer.email", Value::Null);
     let pr = b.pull_request.as_ref().filter(|pr| pr.id.is_some());
-    put("build.pull_request.id", opt(pr.and_then(|pr| pr.id.as_deref())));
+    put(
+        "build.pull_request.id",
+        opt(pr.and_then(|pr| pr.id.as_deref())),
+    );
     put(
         "build.pull_request.base_branch",
         opt(pr.and_then(|pr| pr.base.as_deref())),

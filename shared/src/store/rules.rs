@@ -172,7 +172,14 @@ impl Store {
             let mut current = decode::<PendingFiring>(&item)?;
             change(&mut current.value);
             let (rev, cond) = over(Some(current.rev));
-            let write = put(PENDING_PK.into(), sk.clone(), rev, &current.value, None, cond)?;
+            let write = put(
+                PENDING_PK.into(),
+                sk.clone(),
+                rev,
+                &current.value,
+                None,
+                cond,
+            )?;
             match self.kv().write(vec![write]).await {
                 Ok(()) => return Ok(Some(current.value)),
                 Err(StoreError::Conflict) => continue,
