@@ -56,6 +56,16 @@ pub fn check(rules_path: &Path, event_path: &Path) -> Result<u8, Usage> {
                     rule.source
                 ),
             }),
+            // The observer looks only at finished builds; so does the dry run.
+            Ok(rule) if !rules::is_finished(&payload.build) => json!({
+                "rule": rule.name,
+                "trigger": false,
+                "reason": format!(
+                    "the build has not finished (state {}{}); rules fire on finished builds",
+                    payload.build.state,
+                    if payload.build.blocked { ", blocked" } else { "" }
+                ),
+            }),
             Ok(rule) => match rule.evaluate(&source, None) {
                 Err(e) => {
                     code = EXIT_ERROR;
@@ -68,20 +78,10 @@ pub fn check(rules_path: &Path, event_path: &Path) -> Result<u8, Usage> {
                     organization: org,
                     pipeline,
                     build,
-                }) if rules::is_finished(&payload.build) => json!({
+                }) => json!({
                     "rule": rule.name,
                     "trigger": true,
                     "target": format!("{org}/{pipeline}"),
-                    "build": build,
-                }),
-                Ok(Decision::Trigger { build, .. }) => json!({
-                    "rule": rule.name,
-                    "trigger": false,
-                    "reason": format!(
-                        "the conditions hold, but the build has not finished (state {}{}); rules fire on finished builds",
-                        payload.build.state,
-                        if payload.build.blocked { ", blocked" } else { "" }
-                    ),
                     "build": build,
                 }),
             },
