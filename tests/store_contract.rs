@@ -1083,16 +1083,28 @@ async fn rules_put_get_list_delete(kv: Kv) {
         document: doc.clone(),
         updated_at: Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).unwrap(),
     };
-    assert!(store.put_rule(&rule("deploy", &doc)).await.unwrap(), "created");
+    assert!(
+        store.put_rule(&rule("deploy", &doc)).await.unwrap(),
+        "created"
+    );
     assert!(store.put_rule(&rule("alpha", &doc)).await.unwrap());
     let mut changed = doc.clone();
     changed["value"]["conditions"] = json!(["source.build.branch == 'main'"]);
-    assert!(!store.put_rule(&rule("deploy", &changed)).await.unwrap(), "replaced");
+    assert!(
+        !store.put_rule(&rule("deploy", &changed)).await.unwrap(),
+        "replaced"
+    );
     assert_eq!(
         store.rule("deploy").await.unwrap(),
         Some(rule("deploy", &changed))
     );
-    let names: Vec<String> = store.rules().await.unwrap().into_iter().map(|r| r.name).collect();
+    let names: Vec<String> = store
+        .rules()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.name)
+        .collect();
     assert_eq!(names, vec!["alpha", "deploy"], "by name");
     assert!(store.delete_rule("deploy").await.unwrap());
     assert!(!store.delete_rule("deploy").await.unwrap(), "already gone");
@@ -1146,9 +1158,22 @@ async fn pending_firings_lifecycle(kv: Kv) {
     let mut other = a.clone();
     other.request = json!({"commit": "zzz"});
     assert!(!store.add_pending(&other).await.unwrap(), "the first stays");
-    assert_eq!(store.pending("deploy", "b1").await.unwrap(), Some(a.clone()));
-    assert!(store.add_pending(&pending("deploy", "b2", t0 + chrono::Duration::minutes(5))).await.unwrap());
-    assert!(store.add_pending(&pending("other", "b1", t0 - chrono::Duration::minutes(1))).await.unwrap());
+    assert_eq!(
+        store.pending("deploy", "b1").await.unwrap(),
+        Some(a.clone())
+    );
+    assert!(
+        store
+            .add_pending(&pending("deploy", "b2", t0 + chrono::Duration::minutes(5)))
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .add_pending(&pending("other", "b1", t0 - chrono::Duration::minutes(1)))
+            .await
+            .unwrap()
+    );
 
     let due: Vec<(String, String)> = store
         .due_pending(t0, 10)
@@ -1159,14 +1184,21 @@ async fn pending_firings_lifecycle(kv: Kv) {
         .collect();
     assert_eq!(
         due,
-        vec![("other".into(), "b1".into()), ("deploy".into(), "b1".into())],
+        vec![
+            ("other".into(), "b1".into()),
+            ("deploy".into(), "b1".into())
+        ],
         "due only, oldest due first"
     );
     assert_eq!(store.due_pending(t0, 1).await.unwrap().len(), 1);
 
     // The first attempt time is kept.
     let t1 = t0 + chrono::Duration::seconds(30);
-    let marked = store.mark_attempted("deploy", "b1", t1).await.unwrap().unwrap();
+    let marked = store
+        .mark_attempted("deploy", "b1", t1)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(marked.attempted_at, Some(t1));
     let again = store
         .mark_attempted("deploy", "b1", t1 + chrono::Duration::hours(1))
@@ -1174,17 +1206,32 @@ async fn pending_firings_lifecycle(kv: Kv) {
         .unwrap()
         .unwrap();
     assert_eq!(again.attempted_at, Some(t1));
-    assert_eq!(store.mark_attempted("deploy", "nope", t1).await.unwrap(), None);
+    assert_eq!(
+        store.mark_attempted("deploy", "nope", t1).await.unwrap(),
+        None
+    );
 
     store
-        .defer_pending("deploy", "b1", "Buildkite answered 502", t0 + chrono::Duration::hours(2))
+        .defer_pending(
+            "deploy",
+            "b1",
+            "Buildkite answered 502",
+            t0 + chrono::Duration::hours(2),
+        )
         .await
         .unwrap();
     let p = store.pending("deploy", "b1").await.unwrap().unwrap();
     assert_eq!(p.attempts, 1);
     assert_eq!(p.last_error.as_deref(), Some("Buildkite answered 502"));
     assert_eq!(p.attempted_at, Some(t1));
-    assert_eq!(store.due_pending(t0 + chrono::Duration::minutes(10), 10).await.unwrap().len(), 2);
+    assert_eq!(
+        store
+            .due_pending(t0 + chrono::Duration::minutes(10), 10)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
 
     store.remove_pending("deploy", "b1").await.unwrap();
     store.remove_pending("deploy", "b1").await.unwrap();

@@ -337,8 +337,13 @@ impl RuleFirer {
     /// Retries every pending firing that is due (at most a batch per call). Call it from the
     /// poll cycle; errors are per firing and logged, except a store failure listing them.
     pub async fn retry_pending(&self) -> Result<RetrySummary, StoreError> {
+        self.retry_pending_due(Utc::now()).await
+    }
+
+    /// [`RuleFirer::retry_pending`] as if it were `now` (tests skip the backoff with it).
+    pub async fn retry_pending_due(&self, now: DateTime<Utc>) -> Result<RetrySummary, StoreError> {
         let mut summary = RetrySummary::default();
-        for p in self.store.due_pending(Utc::now(), RETRY_BATCH).await? {
+        for p in self.store.due_pending(now, RETRY_BATCH).await? {
             match self.fire(&p).await {
                 Ok(FireOutcome::Fired(_)) => summary.fired += 1,
                 Ok(FireOutcome::AlreadyFired) => summary.already_fired += 1,

@@ -72,7 +72,7 @@ fn extra<'b>(map: &'b serde_json::Map<String, Value>, path: &[&str]) -> Option<&
         .filter(|v| !v.is_null())
 }
 
-fn extra_str<'b>(map: &'b serde_json::Map<String, Value>, path: &[&str]) -> Option<String> {
+fn extra_str(map: &serde_json::Map<String, Value>, path: &[&str]) -> Option<String> {
     match extra(map, path)? {
         Value::String(s) => Some(s.clone()),
         Value::Number(n) => Some(n.to_string()),
