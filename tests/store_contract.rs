@@ -65,6 +65,8 @@ contract!(
     deployments_one_active_per_environment,
     build_links,
     active_deployment_index_follows_environment_state,
+    rules_put_get_list_delete,
+    pending_firings_lifecycle,
 );
 
 type Kv = Arc<dyn kitebridge::store::Kv>;
@@ -1190,4 +1192,172 @@ async fn active_deployment_index_follows_environment_state(kv: Kv) {
             .items
             .is_empty()
     );
+}
+
+async fn rules_put_get_list_delete(kv: Kv) {
+    let store = Store::from_arc(kv);
+    assert_eq!(store.rules().await.unwrap(), vec![]);
+    assert_eq!(store.rule("deploy").await.unwrap(), None);
+    let doc = json!({"rule": "pipeline.trigger_build.pipeline",
+        "value": {"source_pipeline": "web", "target_pipeline": "deploy"}});
+    let rule = |name: &str, doc: &serde_json::Value| StoredRule {
+        name: name.into(),
+        document: doc.clone(),
+        updated_at: Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).unwrap(),
+    };
+    assert!(
+        store.put_rule(&rule("deploy", &doc)).await.unwrap(),
+        "created"
+    );
+    assert!(store.put_rule(&rule("alpha", &doc)).await.unwrap());
+    let mut changed = doc.clone();
+    changed["value"]["conditions"] = json!(["source.build.branch == 'main'"]);
+    assert!(
+        !store.put_rule(&rule("deploy", &changed)).await.unwrap(),
+        "replaced"
+    );
+    assert_eq!(
+        store.rule("deploy").await.unwrap(),
+        Some(rule("deploy", &changed))
+    );
+    let names: Vec<String> = store
+        .rules()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.name)
+        .collect();
+    assert_eq!(names, vec!["alpha", "deploy"], "by name");
+    assert!(store.delete_rule("deploy").await.unwrap());
+    assert!(!store.delete_rule("deploy").await.unwrap(), "already gone");
+    assert_eq!(store.rule("deploy").await.unwrap(), None);
+    assert_eq!(store.rules().await.unwrap().len(), 1);
+
+    // Concurrent writers of one name: every write lands, one of them created it.
+    let created: Vec<bool> = futures_join(
+        (0..8)
+            .map(|i| {
+                let store = store.clone();
+                let mut d = doc.clone();
+                d["value"]["target_pipeline"] = json!(format!("t{i}"));
+                async move { store.put_rule(&rule("raced", &d)).await.unwrap() }
+            })
+            .collect(),
+    )
+    .await;
+    assert_eq!(created.iter().filter(|c| **c).count(), 1);
+}
+
+async fn futures_join<F: std::future::Future<Output = T> + Send + 'static, T: Send + 'static>(
+    futures: Vec<F>,
+) -> Vec<T> {
+    let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
+async fn pending_firings_lifecycle(kv: Kv) {
+    let store = Store::from_arc(kv);
+    let t0 = Utc.with_ymd_and_hms(2026, 3, 1, 12, 0, 0).unwrap();
+    let pending = |rule: &str, build: &str, due: chrono::DateTime<Utc>| PendingFiring {
+        rule: rule.into(),
+        source_build: build.into(),
+        source: "acme/web#1".into(),
+        target_organization: "acme".into(),
+        target_pipeline: "deploy".into(),
+        request: json!({"commit": "abc", "branch": "main"}),
+        created_at: t0,
+        attempted_at: None,
+        attempts: 0,
+        next_attempt_at: due,
+        last_error: None,
+    };
+    let a = pending("deploy", "b1", t0);
+    assert!(store.add_pending(&a).await.unwrap());
+    let mut other = a.clone();
+    other.request = json!({"commit": "zzz"});
+    assert!(!store.add_pending(&other).await.unwrap(), "the first stays");
+    assert_eq!(
+        store.pending("deploy", "b1").await.unwrap(),
+        Some(a.clone())
+    );
+    assert!(
+        store
+            .add_pending(&pending("deploy", "b2", t0 + chrono::Duration::minutes(5)))
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .add_pending(&pending("other", "b1", t0 - chrono::Duration::minutes(1)))
+            .await
+            .unwrap()
+    );
+
+    let due: Vec<(String, String)> = store
+        .due_pending(t0, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| (p.rule, p.source_build))
+        .collect();
+    assert_eq!(
+        due,
+        vec![
+            ("other".into(), "b1".into()),
+            ("deploy".into(), "b1".into())
+        ],
+        "due only, oldest due first"
+    );
+    assert_eq!(store.due_pending(t0, 1).await.unwrap().len(), 1);
+
+    // The first attempt time is kept.
+    let t1 = t0 + chrono::Duration::seconds(30);
+    let marked = store
+        .mark_attempted("deploy", "b1", t1)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(marked.attempted_at, Some(t1));
+    let again = store
+        .mark_attempted("deploy", "b1", t1 + chrono::Duration::hours(1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.attempted_at, Some(t1));
+    assert_eq!(
+        store.mark_attempted("deploy", "nope", t1).await.unwrap(),
+        None
+    );
+
+    store
+        .defer_pending(
+            "deploy",
+            "b1",
+            "Buildkite answered 502",
+            t0 + chrono::Duration::hours(2),
+        )
+        .await
+        .unwrap();
+    let p = store.pending("deploy", "b1").await.unwrap().unwrap();
+    assert_eq!(p.attempts, 1);
+    assert_eq!(p.last_error.as_deref(), Some("Buildkite answered 502"));
+    assert_eq!(p.attempted_at, Some(t1));
+    assert_eq!(
+        store
+            .due_pending(t0 + chrono::Duration::minutes(10), 10)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+
+    store.remove_pending("deploy", "b1").await.unwrap();
+    store.remove_pending("deploy", "b1").await.unwrap();
+    assert_eq!(store.pending("deploy", "b1").await.unwrap(), None);
+    // Rules and pending firings live apart.
+    assert_eq!(store.rules().await.unwrap(), vec![]);
 }

@@ -63,9 +63,12 @@ pub fn app_state(config: Config, store: Store) -> Result<AppState, Error> {
         Reporter::new(ledger.clone(), Arc::new(quick), config.post_concurrency)
     });
     // Release tracking and trigger rules register here.
-    let observers: Vec<Arc<dyn BuildObserver>> = vec![Arc::new(
-        crate::release::tracker::ReleaseTracker::new(Arc::new(store.clone())),
-    )];
+    let observers: Vec<Arc<dyn BuildObserver>> = vec![
+        Arc::new(crate::release::tracker::ReleaseTracker::new(Arc::new(
+            store.clone(),
+        ))),
+        crate::rules::fire::RuleFirer::from_config(&config, http.clone(), store.clone())?,
+    ];
     let poller = match (&bitbucket, poll_reporter) {
         (Some(b), Some(reporter)) => Poller::from_config(
             &config,

@@ -39,6 +39,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .merge(crate::webhook::routes())
         .merge(crate::release::api::routes())
+        .merge(crate::rules::api::routes())
         .fallback(not_found)
         .with_state(state)
 }

@@ -25,6 +25,7 @@ pub mod observe;
 pub mod poll;
 pub mod release;
 pub mod report;
+pub mod rules;
 pub mod secrets;
 pub mod serve;
 pub mod status;

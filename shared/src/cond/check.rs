@@ -198,7 +198,7 @@ impl Checker<'_> {
     }
 
     fn check_call(&self, node: &Node, name: &str, args: &[Node]) -> Result<Ty, CondError> {
-        if name != "env" && name != "build.env" {
+        if self.schema.env_function_kind(name).is_none() {
             return Err(invalid(format!("`{name}` is not a function"), node));
         }
         if args.len() != 1 {

@@ -209,10 +209,8 @@ impl<'c> Scope<'c> {
     }
 
     fn call(&self, node: &'c Node, name: &str, args: &'c [Node]) -> Result<Val<'c>, CondError> {
-        let build_env = match name {
-            "env" => false,
-            "build.env" => true,
-            _ => return Err(fail(format!("`{name}` is not a function"), node)),
+        let Some(build_env) = self.schema.env_function_kind(name) else {
+            return Err(fail(format!("`{name}` is not a function"), node));
         };
         let [arg] = args else {
             return Err(fail(format!("`{name}` takes one argument"), node));

@@ -27,6 +27,9 @@ pub enum VarType {
 #[derive(Debug, Clone, Default)]
 pub struct Schema {
     vars: HashMap<Cow<'static, str>, VarType>,
+    /// More names for the env functions, e.g. `source.build.env` (true: reads like `build.env`,
+    /// null when unset; false: like `env`, `""` when unset).
+    env_aliases: Vec<(String, bool)>,
     /// Buildkite semantics: presence rules, webhook-only fields, the built-in `BUILDKITE_*`
     /// environment and its allow-list.
     pub(crate) buildkite: bool,
@@ -162,6 +165,27 @@ impl Schema {
             s.declare(n, VarType::Any);
         }
         s
+    }
+
+    /// Makes `name(...)` an env function too: like `build.env` (null when unset) when
+    /// `like_build_env`, else like `env` (`""` when unset). Trigger rules use
+    /// `source.build.env("X")`.
+    pub fn env_function(&mut self, name: impl Into<String>, like_build_env: bool) -> &mut Self {
+        self.env_aliases.push((name.into(), like_build_env));
+        self
+    }
+
+    /// `Some(like_build_env)` when `name` is an env function here.
+    pub(crate) fn env_function_kind(&self, name: &str) -> Option<bool> {
+        match name {
+            "env" => Some(false),
+            "build.env" => Some(true),
+            _ => self
+                .env_aliases
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, b)| *b),
+        }
     }
 
     pub fn get(&self, name: &str) -> Option<VarType> {

@@ -7,6 +7,7 @@
 //! | [`FiringStore`] | webhook, poller | one record per (rule, source build), so a rule fires once |
 //! | [`IdempotencyStore`] | releases API | first answer per `Idempotency-Key` |
 //! | [`ReleaseStore`] | releases API, webhook, poller | release projects, releases, candidates, deployments, environment state, build links |
+//! | [`RuleStore`], [`PendingFiringStore`] | releases API, webhook, poller | trigger rules by name; firings decided but not yet delivered |
 //!
 //! All of them are implemented once, in [`Store`], on top of a tiny key-value interface
 //! ([`Kv`]) that each backend provides: single-item reads, prefix queries in key order, and
@@ -22,6 +23,8 @@
 //! | reported/desired status | `STATUS#{commit}` | `{key}` | 90 days after last change |
 //! | outbox entry (status to deliver) | `OUTBOX` | `{commit}#{key}` | none |
 //! | trigger firing | `FIRING#{rule}` | `{source build id}` | 90 days |
+//! | trigger rule | `RULE` | `{name}` | none |
+//! | pending trigger firing | `RULEFIRING` | `{rule}#{source build id}` | none (removed once fired) |
 //! | idempotency record | `IDEMPOTENCY#{scope}` | `{key}` | 24 hours |
 //! | release project | `PROJECT#{project}` | `PROJECT` | none |
 //! | release | `PROJECT#{project}` | `RELEASE#{version}` | none |
@@ -39,11 +42,13 @@
 mod dynamo;
 mod kv;
 mod records;
+mod rules;
 mod sqlite;
 
 pub use dynamo::DynamoKv;
 pub use kv::{Cond, Item, Kv, MAX_BATCH, Order, Write};
 pub use records::*;
+pub use rules::*;
 pub use sqlite::SqliteKv;
 
 /// A store failure, as callers must treat it.

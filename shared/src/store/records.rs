@@ -369,7 +369,7 @@ pub(super) fn decode<T: DeserializeOwned>(item: &Item) -> Result<Versioned<T>> {
     })
 }
 
-fn put<T: Serialize>(
+pub(super) fn put<T: Serialize>(
     pk: String,
     sk: String,
     rev: u64,

@@ -1,0 +1,281 @@
+//! Trigger rules kept in the store (`PUT /rules/{name}`), and the firings still to deliver.
+//!
+//! A rule is stored as its document (the JSON a user sent), so a newer kitebridge validates it
+//! again when it loads it. A pending firing is written before kitebridge asks Buildkite for the
+//! target build and removed once the build is recorded with [`super::FiringStore::record_fired`]:
+//! it carries the whole request, so a firing whose attempt failed (Buildkite down, the process
+//! killed) is retried later from the store alone, and never lost.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::StoreError;
+use super::kv::{Cond, Order, Write};
+use super::records::{CAS_ATTEMPTS, Store, decode, over, put};
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+const RULE_PK: &str = "RULE";
+const PENDING_PK: &str = "RULEFIRING";
+/// Most rules or pending firings read in one listing (a partition page).
+const PAGE: usize = 1000;
+
+/// A stored rule: its name and its document as given (`{"rule": ..., "value": ...}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredRule {
+    pub name: String,
+    pub document: serde_json::Value,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Rule documents by name.
+#[async_trait]
+pub trait RuleStore: Send + Sync {
+    /// Creates or replaces a rule; `true` when it did not exist.
+    async fn put_rule(&self, rule: &StoredRule) -> Result<bool>;
+    async fn rule(&self, name: &str) -> Result<Option<StoredRule>>;
+    /// Every stored rule, by name.
+    async fn rules(&self) -> Result<Vec<StoredRule>>;
+    /// `true` when there was a rule to delete.
+    async fn delete_rule(&self, name: &str) -> Result<bool>;
+}
+
+/// A firing decided but not yet recorded as fired: everything needed to create the target build.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PendingFiring {
+    pub rule: String,
+    /// Buildkite id of the source build.
+    pub source_build: String,
+    /// `org/pipeline#number` of the source build, for people.
+    pub source: String,
+    pub target_organization: String,
+    pub target_pipeline: String,
+    /// The body of `POST .../builds`.
+    pub request: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+    /// Set before the first request that may have reached Buildkite: from then on, a retry first
+    /// looks for a build created since then carrying this firing's meta-data.
+    pub attempted_at: Option<DateTime<Utc>>,
+    pub attempts: u32,
+    pub next_attempt_at: DateTime<Utc>,
+    pub last_error: Option<String>,
+}
+
+/// Firings still to deliver, one per (rule, source build).
+#[async_trait]
+pub trait PendingFiringStore: Send + Sync {
+    /// Adds a pending firing unless one exists for the same (rule, source build); `true` if added.
+    async fn add_pending(&self, firing: &PendingFiring) -> Result<bool>;
+    async fn pending(&self, rule: &str, source_build: &str) -> Result<Option<PendingFiring>>;
+    /// Notes that a request is about to go out (keeps the first time). `None` if gone.
+    async fn mark_attempted(
+        &self,
+        rule: &str,
+        source_build: &str,
+        at: DateTime<Utc>,
+    ) -> Result<Option<PendingFiring>>;
+    /// Records a failed attempt: one more attempt, the error, and when to try next.
+    async fn defer_pending(
+        &self,
+        rule: &str,
+        source_build: &str,
+        error: &str,
+        next_attempt_at: DateTime<Utc>,
+    ) -> Result<()>;
+    async fn remove_pending(&self, rule: &str, source_build: &str) -> Result<()>;
+    /// Pending firings due at `now`, oldest due first, at most `limit`.
+    async fn due_pending(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<PendingFiring>>;
+}
+
+fn pending_sk(rule: &str, source_build: &str) -> String {
+    // Rule names cannot contain `#` (see `rules::validate_name`), so the key is unambiguous.
+    format!("{rule}#{source_build}")
+}
+
+#[async_trait]
+impl RuleStore for Store {
+    async fn put_rule(&self, rule: &StoredRule) -> Result<bool> {
+        for _ in 0..CAS_ATTEMPTS {
+            let current = self.kv().get(RULE_PK, &rule.name).await?;
+            let existed = current.is_some();
+            let (rev, cond) = over(current.map(|c| c.rev));
+            let write = put(RULE_PK.into(), rule.name.clone(), rev, rule, None, cond)?;
+            match self.kv().write(vec![write]).await {
+                Ok(()) => return Ok(!existed),
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(StoreError::Conflict)
+    }
+
+    async fn rule(&self, name: &str) -> Result<Option<StoredRule>> {
+        match self.kv().get(RULE_PK, name).await? {
+            None => Ok(None),
+            Some(item) => Ok(Some(decode::<StoredRule>(&item)?.value)),
+        }
+    }
+
+    async fn rules(&self) -> Result<Vec<StoredRule>> {
+        let mut out = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let items = self
+                .kv()
+                .query(RULE_PK, "", after.as_deref(), PAGE, Order::Ascending)
+                .await?;
+            let full = items.len() == PAGE;
+            after = items.last().map(|i| i.sk.clone());
+            for item in &items {
+                out.push(decode::<StoredRule>(item)?.value);
+            }
+            if !full {
+                return Ok(out);
+            }
+        }
+    }
+
+    async fn delete_rule(&self, name: &str) -> Result<bool> {
+        for _ in 0..CAS_ATTEMPTS {
+            let Some(current) = self.kv().get(RULE_PK, name).await? else {
+                return Ok(false);
+            };
+            let delete = Write::Delete {
+                pk: RULE_PK.into(),
+                sk: name.into(),
+                cond: Cond::Rev(current.rev),
+            };
+            match self.kv().write(vec![delete]).await {
+                Ok(()) => return Ok(true),
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(StoreError::Conflict)
+    }
+}
+
+impl Store {
+    /// Read-modify-write of a pending firing under compare-and-set; `None` if it is gone.
+    async fn update_pending(
+        &self,
+        rule: &str,
+        source_build: &str,
+        change: impl Fn(&mut PendingFiring) + Send + Sync,
+    ) -> Result<Option<PendingFiring>> {
+        let sk = pending_sk(rule, source_build);
+        for _ in 0..CAS_ATTEMPTS {
+            let Some(item) = self.kv().get(PENDING_PK, &sk).await? else {
+                return Ok(None);
+            };
+            let mut current = decode::<PendingFiring>(&item)?;
+            change(&mut current.value);
+            let (rev, cond) = over(Some(current.rev));
+            let write = put(
+                PENDING_PK.into(),
+                sk.clone(),
+                rev,
+                &current.value,
+                None,
+                cond,
+            )?;
+            match self.kv().write(vec![write]).await {
+                Ok(()) => return Ok(Some(current.value)),
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(StoreError::Conflict)
+    }
+}
+
+#[async_trait]
+impl PendingFiringStore for Store {
+    async fn add_pending(&self, firing: &PendingFiring) -> Result<bool> {
+        let sk = pending_sk(&firing.rule, &firing.source_build);
+        let (rev, cond) = over(None);
+        let write = put(PENDING_PK.into(), sk, rev, firing, None, cond)?;
+        match self.kv().write(vec![write]).await {
+            Ok(()) => Ok(true),
+            Err(StoreError::Conflict) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn pending(&self, rule: &str, source_build: &str) -> Result<Option<PendingFiring>> {
+        match self
+            .kv()
+            .get(PENDING_PK, &pending_sk(rule, source_build))
+            .await?
+        {
+            None => Ok(None),
+            Some(item) => Ok(Some(decode::<PendingFiring>(&item)?.value)),
+        }
+    }
+
+    async fn mark_attempted(
+        &self,
+        rule: &str,
+        source_build: &str,
+        at: DateTime<Utc>,
+    ) -> Result<Option<PendingFiring>> {
+        self.update_pending(rule, source_build, |p| {
+            p.attempted_at.get_or_insert(at);
+        })
+        .await
+    }
+
+    async fn defer_pending(
+        &self,
+        rule: &str,
+        source_build: &str,
+        error: &str,
+        next_attempt_at: DateTime<Utc>,
+    ) -> Result<()> {
+        self.update_pending(rule, source_build, |p| {
+            p.attempts = p.attempts.saturating_add(1);
+            p.last_error = Some(error.to_owned());
+            p.next_attempt_at = next_attempt_at;
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn remove_pending(&self, rule: &str, source_build: &str) -> Result<()> {
+        self.kv()
+            .write(vec![Write::Delete {
+                pk: PENDING_PK.into(),
+                sk: pending_sk(rule, source_build),
+                cond: Cond::Always,
+            }])
+            .await
+    }
+
+    async fn due_pending(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<PendingFiring>> {
+        // The partition holds only firings not yet delivered: a handful unless Buildkite has been
+        // down for long, so reading it whole is cheap.
+        let mut due = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let items = self
+                .kv()
+                .query(PENDING_PK, "", after.as_deref(), PAGE, Order::Ascending)
+                .await?;
+            let full = items.len() == PAGE;
+            after = items.last().map(|i| i.sk.clone());
+            for item in &items {
+                let p = decode::<PendingFiring>(item)?.value;
+                if p.next_attempt_at <= now {
+                    due.push(p);
+                }
+            }
+            if !full {
+                break;
+            }
+        }
+        due.sort_by_key(|p| p.next_attempt_at);
+        due.truncate(limit);
+        Ok(due)
+    }
+}
