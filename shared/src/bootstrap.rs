@@ -64,9 +64,10 @@ pub fn app_state(config: Config, store: Store) -> Result<AppState, Error> {
     });
     // Release tracking and trigger rules register here.
     let observers: Vec<Arc<dyn BuildObserver>> = vec![
-        Arc::new(crate::release::tracker::ReleaseTracker::new(Arc::new(
-            store.clone(),
-        ))),
+        Arc::new(crate::release::tracker::ReleaseTracker::new(
+            Arc::new(store.clone()),
+            config.deployment_timeout,
+        )),
         crate::rules::fire::RuleFirer::from_config(&config, http.clone(), store.clone())?,
     ];
     let poller = match (&bitbucket, poll_reporter) {

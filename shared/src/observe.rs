@@ -34,6 +34,23 @@ pub trait BuildObserver: Send + Sync {
         build: &Build,
         pipeline: Option<&Pipeline>,
     ) -> Result<(), ObserveError>;
+
+    /// Periodic work that is not tied to one build (retries, timeouts), run once per poll cycle.
+    async fn tick(&self) -> Result<(), ObserveError> {
+        Ok(())
+    }
+}
+
+/// Runs every observer's [`BuildObserver::tick`]; all run, and the first error is returned.
+pub async fn tick_all(observers: &[Arc<dyn BuildObserver>]) -> Result<(), ObserveError> {
+    let mut first = None;
+    for o in observers {
+        if let Err(e) = o.tick().await {
+            tracing::warn!(error = %e, "periodic observer work failed");
+            first.get_or_insert(e);
+        }
+    }
+    first.map_or(Ok(()), Err)
 }
 
 /// Hands `build` to every observer; all run, and the first error is returned.

@@ -28,7 +28,7 @@ use crate::bitbucket::BitbucketClient;
 use crate::buildkite::client::{BuildFilter, BuildkiteClient, BuildkiteError};
 use crate::buildkite::model::Build;
 use crate::config::{Config, DmsConfig, join_url};
-use crate::observe::{BuildObserver, ObserveError, observe_all};
+use crate::observe::{BuildObserver, ObserveError, observe_all, tick_all};
 use crate::report::{Reporter, Tally, status_record};
 use crate::store::{CursorStore, StatusRecord, StoreError};
 
@@ -138,6 +138,10 @@ impl Poller {
             Err(e) => {
                 first_error.get_or_insert(PollError::Store(e));
             }
+        }
+        // Stuck deployments, trigger rules waiting for a retry.
+        if let Err(e) = tick_all(&self.observers).await {
+            first_error.get_or_insert(PollError::Observer(e));
         }
         summary.duration_ms = started.elapsed().as_millis() as u64;
         let ok = first_error.is_none();

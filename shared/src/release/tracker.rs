@@ -18,11 +18,16 @@ use crate::store::ReleaseStore;
 
 pub struct ReleaseTracker {
     store: Arc<dyn ReleaseStore>,
+    /// Deployment statuses stuck longer than this become `error` (swept once per poll cycle).
+    deployment_timeout: std::time::Duration,
 }
 
 impl ReleaseTracker {
-    pub fn new(store: Arc<dyn ReleaseStore>) -> Self {
-        ReleaseTracker { store }
+    pub fn new(store: Arc<dyn ReleaseStore>, deployment_timeout: std::time::Duration) -> Self {
+        ReleaseTracker {
+            store,
+            deployment_timeout,
+        }
     }
 }
 
@@ -38,6 +43,15 @@ fn build_ref(organization: &str, build: &Build, pipeline: Option<&Pipeline>) -> 
 
 #[async_trait]
 impl BuildObserver for ReleaseTracker {
+    async fn tick(&self) -> Result<(), ObserveError> {
+        let swept =
+            super::service::sweep_stuck(self.store.as_ref(), self.deployment_timeout).await?;
+        if swept > 0 {
+            tracing::warn!(swept, "stuck deployments marked as error");
+        }
+        Ok(())
+    }
+
     async fn observe(
         &self,
         organization: &str,

@@ -399,6 +399,12 @@ fn backoff(attempts: u32) -> chrono::Duration {
 
 #[async_trait]
 impl BuildObserver for RuleFirer {
+    /// Retries firings whose trigger failed earlier (Buildkite refused or was unreachable).
+    async fn tick(&self) -> Result<(), ObserveError> {
+        self.retry_pending().await?;
+        Ok(())
+    }
+
     async fn observe(
         &self,
         organization: &str,
