@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use kitebridge::bitbucket::ApiKind;
-use kitebridge::buildkite::model::Event;
+use kitebridge::buildkite::model::{Event, WebhookPayload};
 use kitebridge::buildkite::webhook::{DEFAULT_MAX_SKEW, sign, verify};
 use kitebridge::config::Secret;
 use kitebridge::report::status_record;
@@ -120,6 +120,14 @@ fn bench(c: &mut Criterion) {
         })
     });
     group.bench_function("stage/parse", |b| b.iter(|| Event::parse(black_box(body))));
+    // Where parsing spends its time: the JSON tree alone, and a typed parse straight from the
+    // bytes (no intermediate tree, no path tracking). Not kitebridge's path; for comparison.
+    group.bench_function("stage/parse-json-tree-only", |b| {
+        b.iter(|| serde_json::from_slice::<serde_json::Value>(black_box(body)))
+    });
+    group.bench_function("stage/parse-typed-from-bytes", |b| {
+        b.iter(|| serde_json::from_slice::<WebhookPayload>(black_box(body)))
+    });
     let Ok(Event::Build(payload)) = Event::parse(body) else {
         panic!("a build event");
     };

@@ -440,3 +440,119 @@ fn set(answer: &mut Value, key: &str, value: Value) {
         obj.insert(key.to_owned(), value);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &[u8])]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_bytes(v).unwrap());
+        }
+        h
+    }
+
+    fn stream(chunks: &[&'static [u8]], fail: bool) -> Body {
+        let mut items: Vec<Result<&'static [u8], std::io::Error>> =
+            chunks.iter().map(|c| Ok(*c)).collect();
+        if fail {
+            items.push(Err(std::io::Error::other("connection reset")));
+        }
+        Body::from_stream(futures::stream::iter(items))
+    }
+
+    #[tokio::test]
+    async fn body_limit() {
+        let none = HeaderMap::new();
+        let ok = read_limited(&none, Body::from("abcd"), 4).await;
+        assert_eq!(ok.ok().as_deref(), Some(&b"abcd"[..]));
+        assert!(matches!(
+            read_limited(&none, Body::from("abcde"), 4).await,
+            Err(BodyError::TooLarge)
+        ));
+        // Streamed without a length: counted while reading.
+        assert!(matches!(
+            read_limited(&none, stream(&[b"ab", b"cd", b"e"], false), 4).await,
+            Err(BodyError::TooLarge)
+        ));
+        assert_eq!(
+            read_limited(&none, stream(&[b"ab", b"cd"], false), 4)
+                .await
+                .ok()
+                .as_deref(),
+            Some(&b"abcd"[..])
+        );
+        // A declared length above the limit is refused before reading.
+        let big = headers(&[("content-length", b"5")]);
+        assert!(matches!(
+            read_limited(&big, Body::empty(), 4).await,
+            Err(BodyError::TooLarge)
+        ));
+        assert!(matches!(
+            read_limited(&none, stream(&[b"ab"], true), 4).await,
+            Err(BodyError::Unreadable)
+        ));
+    }
+
+    #[test]
+    fn credential_headers() {
+        assert_eq!(credentials(&HeaderMap::new()), Ok((None, None)));
+        let h = headers(&[
+            ("x-buildkite-signature", b"timestamp=1,signature=ab"),
+            ("x-buildkite-token", b"tok"),
+        ]);
+        assert_eq!(
+            credentials(&h),
+            Ok((Some("timestamp=1,signature=ab"), Some("tok")))
+        );
+        let h = headers(&[("x-buildkite-signature", b"timestamp=1,\xffsignature")]);
+        assert!(matches!(
+            credentials(&h),
+            Err(VerifyError::MalformedSignature(_))
+        ));
+        let h = headers(&[("x-buildkite-token", b"t\xffk")]);
+        assert_eq!(credentials(&h), Err(VerifyError::BadToken));
+    }
+
+    #[tokio::test]
+    async fn invalid_payload_names_the_field() {
+        let cases = [
+            (
+                PayloadError::Missing("build.commit".into()),
+                Some("build.commit"),
+            ),
+            (
+                PayloadError::Invalid {
+                    field: "build.number".into(),
+                    problem: "expected u64".into(),
+                },
+                Some("build.number"),
+            ),
+            (PayloadError::NotAnObject, None),
+            (PayloadError::NotJson("EOF".into()), None),
+        ];
+        for (e, field) in cases {
+            let resp = invalid_payload(&e);
+            assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+            let body = axum::body::to_bytes(resp.into_body(), 1 << 16)
+                .await
+                .unwrap();
+            let v: Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(v["error"], "invalid_payload");
+            assert_eq!(v["message"], e.to_string());
+            assert_eq!(v["field"].as_str(), field);
+        }
+    }
+
+    #[test]
+    fn event_name_for_logs_is_bounded() {
+        assert_eq!(
+            event_name(br#"{"event":"job.finished"}"#).as_deref(),
+            Some("job.finished")
+        );
+        assert_eq!(event_name(b"not json"), None);
+        let long = format!(r#"{{"event":"{}"}}"#, "x".repeat(500));
+        assert_eq!(event_name(long.as_bytes()).map(|s| s.len()), Some(64));
+    }
+}
