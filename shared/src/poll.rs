@@ -16,12 +16,15 @@
 //! free of duplicate posts. Two cycles running at once are harmless: both report (de-duplicated
 //! by the ledger), and only one moves the cursor.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use futures::stream::{self, StreamExt};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use std::collections::VecDeque;
+
+use futures::stream::{self, FuturesUnordered, StreamExt};
 use serde::Serialize;
 
 use crate::bitbucket::BitbucketClient;
@@ -177,61 +180,59 @@ impl Poller {
             created_to: Some(from),
             finished_from: Some(from),
         };
-        let (created, finished) = tokio::join!(
-            self.buildkite.list_builds::<Build>(org, &created),
-            self.buildkite.list_builds::<Build>(org, &finished),
-        );
-        let wrap = |source| PollError::Buildkite {
-            org: org.to_string(),
-            source,
+        // Pages stream from Buildkite into the reporter: the first statuses are posted while
+        // later pages load, and memory holds a few pages and the posts in flight, never the
+        // whole window.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Vec<Build>>(2);
+        let listing = async {
+            let (a, b) = tokio::join!(
+                self.buildkite
+                    .send_pages::<Build>(org, &created, tx.clone()),
+                self.buildkite.send_pages::<Build>(org, &finished, tx),
+            );
+            Ok::<u32, BuildkiteError>(a? + b?)
         };
-        let (created, finished) = (created.map_err(wrap)?, finished.map_err(wrap)?);
-        summary.pages += created.pages + finished.pages;
-
-        let api = self.bitbucket.api().await.map_err(|e| {
-            PollError::Bitbucket(format!("cannot tell which build-status API to use: {e}"))
-        })?;
-        let builds: Vec<Build> = created.builds.into_iter().chain(finished.builds).collect();
-        if !self.observers.is_empty() {
-            // The futures are made up front: a stream closure borrowing each build would not
-            // be `Send` for every lifetime, which a spawned task (`kitebridge serve`) needs.
-            let observing: Vec<_> = builds
-                .iter()
-                .map(|b| observe_all(&self.observers, org, b, b.pipeline.as_ref()))
-                .collect();
-            let results: Vec<Result<(), ObserveError>> =
-                stream::iter(observing).buffer_unordered(8).collect().await;
-            if let Some(e) = results.into_iter().find_map(Result::err) {
-                return Err(PollError::Observer(e));
-            }
-        }
-        let mut statuses: HashMap<String, StatusRecord> = HashMap::new();
-        for build in builds {
-            summary.builds_seen += 1;
-            match status_record(&build, None, Some(org), &api, self.bitbucket.base()) {
-                Ok(record) => {
-                    // The same build twice (it can straddle pages): keep the newest state.
-                    let entry = statuses.entry(build.id.clone());
-                    let keep = match &entry {
-                        std::collections::hash_map::Entry::Occupied(o) => {
-                            o.get().version < record.version
-                        }
-                        std::collections::hash_map::Entry::Vacant(_) => true,
-                    };
-                    if keep {
-                        entry.insert_entry(record);
+        let seen = AtomicU64::new(0);
+        let skipped = AtomicU64::new(0);
+        // An explicit loop rather than stream combinators: closures over borrowed state would
+        // not be `Send` for every lifetime, which the spawned poll loop of `serve` needs.
+        let reporting = async {
+            let mut rx = rx;
+            let limit = self.reporter.concurrency();
+            let mut queue: VecDeque<StatusRecord> = VecDeque::new();
+            let mut in_flight = FuturesUnordered::new();
+            let mut tally = Tally::default();
+            let mut done = false;
+            loop {
+                while in_flight.len() < limit {
+                    match queue.pop_front() {
+                        Some(record) => in_flight.push(self.reporter.report(record)),
+                        None => break,
                     }
                 }
-                Err(skip) => {
-                    summary.skipped += 1;
-                    tracing::info!(organization = %org, build = build.number, reason = %skip, "build not reported");
+                if done && queue.is_empty() && in_flight.is_empty() {
+                    break;
+                }
+                tokio::select! {
+                    Some(outcome) = in_flight.next(), if !in_flight.is_empty() => tally.add(&outcome?),
+                    page = rx.recv(), if !done && queue.len() < limit => match page {
+                        Some(page) => queue.extend(self.prepare_page(org, page, &seen, &skipped).await?),
+                        None => done = true,
+                    },
+                    else => break,
                 }
             }
-        }
-        let tally = self
-            .reporter
-            .report_all(statuses.into_values().collect())
-            .await?;
+            Ok::<Tally, PollError>(tally)
+        };
+        let (listed, reported) = tokio::join!(listing, reporting);
+        summary.builds_seen += seen.load(Ordering::Relaxed);
+        summary.skipped += skipped.load(Ordering::Relaxed);
+        let pages = listed.map_err(|source| PollError::Buildkite {
+            org: org.to_string(),
+            source,
+        })?;
+        summary.pages += pages;
+        let tally = reported?;
         summary.reported.posted += tally.posted;
         summary.reported.already_reported += tally.already_reported;
         summary.reported.superseded += tally.superseded;
@@ -248,6 +249,49 @@ impl Poller {
             summary.cursors_moved += 1;
         }
         Ok(())
+    }
+
+    /// One page of builds: hands each to the observers, then maps it to the status to report.
+    async fn prepare_page(
+        &self,
+        org: &str,
+        page: Vec<Build>,
+        seen: &AtomicU64,
+        skipped: &AtomicU64,
+    ) -> Result<Vec<StatusRecord>, PollError> {
+        if page.is_empty() {
+            return Ok(Vec::new());
+        }
+        seen.fetch_add(page.len() as u64, Ordering::Relaxed);
+        if !self.observers.is_empty() {
+            // The futures are made up front: a stream closure borrowing each build would not
+            // be `Send` for every lifetime, which a spawned task (`kitebridge serve`) needs.
+            let observing: Vec<_> = page
+                .iter()
+                .map(|b| observe_all(&self.observers, org, b, b.pipeline.as_ref()))
+                .collect();
+            let results: Vec<Result<(), ObserveError>> =
+                stream::iter(observing).buffer_unordered(8).collect().await;
+            if let Some(e) = results.into_iter().find_map(Result::err) {
+                return Err(PollError::Observer(e));
+            }
+        }
+        // Resolved on the first page that has builds (and then cached), so an idle cycle sends
+        // nothing to Bitbucket.
+        let api = self.bitbucket.api().await.map_err(|e| {
+            PollError::Bitbucket(format!("cannot tell which build-status API to use: {e}"))
+        })?;
+        let mut records = Vec::with_capacity(page.len());
+        for build in &page {
+            match status_record(build, None, Some(org), &api, self.bitbucket.base()) {
+                Ok(record) => records.push(record),
+                Err(skip) => {
+                    skipped.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(organization = %org, build = build.number, reason = %skip, "build not reported");
+                }
+            }
+        }
+        Ok(records)
     }
 
     /// Dead Man's Snitch: only after a cycle that succeeded end to end. A failed ping is logged,

@@ -124,6 +124,11 @@ impl Reporter {
         }
     }
 
+    /// Most posts in flight at once.
+    pub fn concurrency(&self) -> usize {
+        self.concurrency
+    }
+
     /// Reports one status. Errors are store failures only (the status may not be recorded):
     /// callers must not move a cursor past it.
     pub async fn report(&self, status: StatusRecord) -> Result<Outcome, StoreError> {

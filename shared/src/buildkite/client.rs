@@ -135,6 +135,31 @@ impl BuildkiteClient {
         org: &str,
         filter: &BuildFilter,
     ) -> Result<Listing<T>, BuildkiteError> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<T>>(4);
+        let collect = async move {
+            let mut builds = Vec::new();
+            while let Some(page) = rx.recv().await {
+                builds.extend(page);
+            }
+            builds
+        };
+        let (pages, builds) = tokio::join!(self.send_pages(org, filter, tx), collect);
+        Ok(Listing {
+            builds,
+            pages: pages?,
+        })
+    }
+
+    /// Like [`BuildkiteClient::list_builds`], but hands each page to `pages` as it arrives (in
+    /// order), so a caller can work on the first pages while later ones load and never holds
+    /// every build at once. Returns how many pages were read. If the receiver is dropped, the
+    /// listing stops early without error.
+    pub async fn send_pages<T: DeserializeOwned + Send>(
+        &self,
+        org: &str,
+        filter: &BuildFilter,
+        pages: tokio::sync::mpsc::Sender<Vec<T>>,
+    ) -> Result<u32, BuildkiteError> {
         let mut first = Url::parse(&join_url(
             &self.base,
             &format!("/v2/organizations/{}/builds", enc(org)),
@@ -148,8 +173,11 @@ impl BuildkiteClient {
             q.append_pair("per_page", &MAX_PER_PAGE.to_string());
             q.append_pair("exclude_jobs", "true");
         }
-        let (mut builds, links) = self.page::<T>(first.as_str()).await?;
-        let mut pages = 1;
+        let (builds, links) = self.page::<T>(first.as_str()).await?;
+        let mut count = 1;
+        if pages.send(builds).await.is_err() {
+            return Ok(count);
+        }
 
         if filter.is_stable()
             && let Some(last) = links
@@ -157,24 +185,28 @@ impl BuildkiteClient {
                 .as_deref()
                 .and_then(|l| page_urls(l, links.next.as_deref()))
         {
-            let rest: Vec<Vec<T>> = stream::iter(last)
+            let mut rest = stream::iter(last)
                 .map(|url| async move { self.page::<T>(&url).await.map(|(b, _)| b) })
-                .buffered(self.page_concurrency)
-                .try_collect()
-                .await?;
-            pages += rest.len() as u32;
-            builds.extend(rest.into_iter().flatten());
-            return Ok(Listing { builds, pages });
+                .buffered(self.page_concurrency);
+            while let Some(page) = rest.try_next().await? {
+                count += 1;
+                if pages.send(page).await.is_err() {
+                    break;
+                }
+            }
+            return Ok(count);
         }
 
         let mut next = links.next;
         while let Some(url) = next {
             let (more, links) = self.page::<T>(&url).await?;
-            builds.extend(more);
-            pages += 1;
+            count += 1;
+            if pages.send(more).await.is_err() {
+                break;
+            }
             next = links.next;
         }
-        Ok(Listing { builds, pages })
+        Ok(count)
     }
 
     /// Creates a build: `POST /v2/organizations/{org}/pipelines/{pipeline}/builds`. Not retried
