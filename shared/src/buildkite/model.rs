@@ -379,22 +379,11 @@ impl Event {
     /// fast path refuses is parsed again by the careful path, whose only job is to name the
     /// missing or invalid field.
     pub fn parse(body: &[u8]) -> Result<Event, PayloadError> {
-        #[derive(Deserialize)]
-        struct Head<'a> {
-            #[serde(borrow, default)]
-            event: Option<std::borrow::Cow<'a, str>>,
-        }
-        if let Ok(head) = serde_json::from_slice::<Head>(body) {
-            match head.event.as_deref() {
-                Some("ping") => return Ok(Event::Ping),
-                Some(e) if e.starts_with("build.") => {
-                    if let Ok(p) = serde_json::from_slice::<WebhookPayload>(body) {
-                        return Ok(Event::Build(Box::new(p)));
-                    }
-                }
-                Some(e) => return Ok(Event::Other(e.to_string())),
-                None => {}
-            }
+        // Build events are the hot path: one pass over the bytes into the typed payload.
+        if let Ok(p) = serde_json::from_slice::<WebhookPayload>(body)
+            && p.event.starts_with("build.")
+        {
+            return Ok(Event::Build(Box::new(p)));
         }
         Event::parse_carefully(body)
     }
