@@ -83,34 +83,42 @@ impl FromRequestParts<AppState> for Authorized {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
-        if state.config.api_auth == ApiAuth::Iam {
-            return Ok(Authorized);
-        }
-        let presented = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                let (scheme, token) = v.split_once(' ')?;
-                scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-            });
-        let ok = match (&state.config.api_token, presented) {
-            (Some(expected), Some(token)) => token_matches(token, expected.expose()),
-            _ => false,
-        };
-        if ok {
-            return Ok(Authorized);
-        }
-        let mut resp = error_json(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "send `Authorization: Bearer <token>` with the releases API token",
-            None,
-        );
-        resp.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        Err(resp)
+        authorize(state, &parts.headers).map(|()| Authorized)
     }
+}
+
+/// The API's authentication, shared by every API route (releases and rules): with
+/// `KITEBRIDGE_API_AUTH=iam` API Gateway has already checked the caller; otherwise
+/// `Authorization: Bearer <KITEBRIDGE_API_TOKEN>`, compared in constant time.
+// The error is the answer to send; boxing it buys nothing.
+#[allow(clippy::result_large_err)]
+pub fn authorize(state: &AppState, headers: &axum::http::HeaderMap) -> Result<(), Response> {
+    if state.config.api_auth == ApiAuth::Iam {
+        return Ok(());
+    }
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, token) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        });
+    let ok = match (&state.config.api_token, presented) {
+        (Some(expected), Some(token)) => token_matches(token, expected.expose()),
+        _ => false,
+    };
+    if ok {
+        return Ok(());
+    }
+    let mut resp = error_json(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "send `Authorization: Bearer <token>` with the API token (KITEBRIDGE_API_TOKEN)",
+        None,
+    );
+    resp.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    Err(resp)
 }
 
 /// Constant-time comparison. Both sides are hashed first so neither the content nor the length

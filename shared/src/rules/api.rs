@@ -10,13 +10,12 @@
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use chrono::Utc;
 use serde_json::{Value, json};
-use subtle::ConstantTimeEq;
 
 use super::{Rule, config_rules, validate_name};
 use crate::http::{AppState, error_response};
@@ -30,37 +29,11 @@ pub fn routes() -> Router<AppState> {
     )
 }
 
-/// `Authorization: Bearer <KITEBRIDGE_API_TOKEN>`, compared in constant time.
-// TODO(lead): the releases API has its own; keep one of the two.
-// The error is the answer to send, built once per refused request; boxing it buys nothing.
+/// The API's authentication, the same as the releases API's (bearer token, or IAM on AWS).
+// The error is the answer to send; boxing it buys nothing.
 #[allow(clippy::result_large_err)]
 pub fn require_bearer(state: &AppState, headers: &HeaderMap) -> Result<(), Response> {
-    let unauthorized = |message: &str| {
-        let mut r = error_response(StatusCode::UNAUTHORIZED, "unauthorized", message);
-        r.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            header::HeaderValue::from_static("Bearer"),
-        );
-        r
-    };
-    let Some(expected) = state.config.api_token.as_ref() else {
-        return Err(unauthorized(
-            "the API is disabled: KITEBRIDGE_API_TOKEN is not set",
-        ));
-    };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim);
-    match given {
-        Some(token) if bool::from(token.as_bytes().ct_eq(expected.expose().as_bytes())) => Ok(()),
-        Some(_) => Err(unauthorized("the bearer token is not valid")),
-        None => Err(unauthorized("send `Authorization: Bearer <token>`")),
-    }
+    crate::release::api::authorize(state, headers)
 }
 
 fn store_failed(e: &StoreError) -> Response {
