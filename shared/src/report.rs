@@ -140,30 +140,6 @@ impl Reporter {
         }
     }
 
-    /// Reports many statuses, at most `concurrency` posts in flight. Returns the tally, or the
-    /// first store error (after letting the others finish).
-    pub async fn report_all(&self, statuses: Vec<StatusRecord>) -> Result<Tally, StoreError> {
-        let results: Vec<Result<Outcome, StoreError>> = stream::iter(statuses)
-            .map(|s| self.report(s))
-            .buffer_unordered(self.concurrency)
-            .collect()
-            .await;
-        let mut tally = Tally::default();
-        let mut first_error = None;
-        for r in results {
-            match r {
-                Ok(o) => tally.add(&o),
-                Err(e) => {
-                    first_error.get_or_insert(e);
-                }
-            }
-        }
-        match first_error {
-            Some(e) => Err(e),
-            None => Ok(tally),
-        }
-    }
-
     /// Delivers outbox entries that are due (failed earlier, or whose poster died), at most
     /// `limit` this time.
     pub async fn drain(&self, limit: usize) -> Result<Tally, StoreError> {
