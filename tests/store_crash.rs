@@ -45,3 +45,32 @@ async fn kill_9_loses_nothing_committed() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test]
+async fn the_embedded_store_reclaims_expired_records() {
+    use kitebridge::store::{Cond, Item, Write};
+    let kv = SqliteKv::in_memory().unwrap();
+    let item = |sk: &str, expires_at| Item {
+        pk: "P".into(),
+        sk: sk.into(),
+        rev: 1,
+        doc: "{}".into(),
+        expires_at,
+    };
+    let past = chrono::Utc::now().timestamp() - 5;
+    kv.write(vec![
+        Write::Put {
+            item: item("old", Some(past)),
+            cond: Cond::Always,
+        },
+        Write::Put {
+            item: item("kept", None),
+            cond: Cond::Always,
+        },
+    ])
+    .await
+    .unwrap();
+    assert_eq!(kv.purge_expired().await.unwrap(), 1);
+    assert_eq!(kv.purge_expired().await.unwrap(), 0);
+    assert!(kv.get("P", "kept").await.unwrap().is_some());
+}

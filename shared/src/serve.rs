@@ -14,7 +14,18 @@ pub async fn poll_loop(state: AppState, mut stop: watch::Receiver<bool>) {
         return;
     };
     let interval = state.config.monitor.polling_interval;
+    // Expired records (old statuses, idempotency keys, firings) are ignored by reads; the
+    // embedded store reclaims their space about hourly.
+    let mut last_purge: Option<std::time::Instant> = None;
     loop {
+        if last_purge.is_none_or(|t| t.elapsed() >= Duration::from_secs(3600)) {
+            match state.store.kv().purge_expired().await {
+                Ok(n) if n > 0 => tracing::info!(purged = n, "expired records removed"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "purging expired records failed"),
+            }
+            last_purge = Some(std::time::Instant::now());
+        }
         if let Err(e) = poller.cycle().await {
             // The summary line and the error were logged by the cycle; the next one retries.
             tracing::debug!(error = %e, "poll cycle failed");

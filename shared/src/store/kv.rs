@@ -61,6 +61,12 @@ pub trait Kv: Send + Sync + 'static {
 
     /// A cheap round trip that proves the store answers (for health checks).
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Deletes expired items, returning how many. Reads already ignore them; this only reclaims
+    /// space. Nothing to do where the database expires items itself (DynamoDB's TTL).
+    async fn purge_expired(&self) -> Result<usize, StoreError> {
+        Ok(0)
+    }
 }
 
 /// Most writes in one batch (DynamoDB's TransactWriteItems limit).

@@ -84,12 +84,6 @@ impl SqliteKv {
         Ok(kv)
     }
 
-    /// Deletes expired items (reads already ignore them; this only reclaims space).
-    pub async fn purge_expired(&self) -> Result<usize, StoreError> {
-        let this = self.clone();
-        blocking(move || this.purge_expired_blocking()).await
-    }
-
     fn purge_expired_blocking(&self) -> Result<usize, StoreError> {
         let conn = self.lock()?;
         conn.execute(
@@ -241,5 +235,10 @@ impl Kv for SqliteKv {
                 .map_err(unavailable)
         })
         .await
+    }
+
+    async fn purge_expired(&self) -> Result<usize, StoreError> {
+        let this = self.clone();
+        blocking(move || this.purge_expired_blocking()).await
     }
 }
