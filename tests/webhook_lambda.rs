@@ -6,6 +6,7 @@
 #[path = "webhook_support.rs"]
 mod webhook_support;
 
+use base64::Engine as _;
 use kitebridge_fakes::{BuildState, WebhookAuth, WebhookDelivery, WebhookEvent};
 use lambda_http::request::LambdaRequest;
 use lambda_http::{Adapter, Context, LambdaEvent, Service};
@@ -22,7 +23,7 @@ fn header_map(d: &WebhookDelivery) -> Map<String, Value> {
 
 fn body_field(d: &WebhookDelivery, base64: bool) -> Value {
     if base64 {
-        json!(base64_encode(d.body.as_bytes()))
+        json!(base64::engine::general_purpose::STANDARD.encode(d.body.as_bytes()))
     } else {
         json!(d.body)
     }
@@ -104,32 +105,6 @@ fn v1_event(method: &str, d: &WebhookDelivery, base64: bool) -> String {
         "isBase64Encoded": base64
     })
     .to_string()
-}
-
-fn base64_encode(input: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in input.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        out.push(T[(n >> 18) as usize & 63] as char);
-        out.push(T[(n >> 12) as usize & 63] as char);
-        out.push(if chunk.len() > 1 {
-            T[(n >> 6) as usize & 63] as char
-        } else {
-            '='
-        });
-        out.push(if chunk.len() > 2 {
-            T[n as usize & 63] as char
-        } else {
-            '='
-        });
-    }
-    out
 }
 
 /// Runs one API Gateway event through `lambda_http` into the router; returns the Lambda

@@ -27,6 +27,49 @@ pub async fn lambda(role: Role) -> Result<AppState, Error> {
     app_state(config, store)
 }
 
+/// [`lambda`], or, when start-up fails, what Lambda expects of a runtime that cannot start: the
+/// reason reported to the Runtime API (`POST /runtime/init/error`, so the failed invocation and
+/// the function's error metric name it), one line on stderr (the function's log), exit 1. The
+/// message is the configuration error's text: variable names and problems, never a secret.
+pub async fn lambda_or_exit(role: Role) -> AppState {
+    match lambda(role).await {
+        Ok(state) => state,
+        Err(e) => {
+            let message = e.to_string();
+            let kind = match e {
+                Error::Config(_) => "Runtime.ConfigurationError",
+                Error::Secrets(_) => "Runtime.SecretsError",
+                Error::Store(_) => "Runtime.StoreError",
+                Error::Startup(_) => "Runtime.StartupError",
+            };
+            eprintln!(
+                "{}",
+                serde_json::json!({"level": "ERROR", "message": format!("kitebridge cannot start: {message}"), "errorType": kind})
+            );
+            report_init_error(kind, &message).await;
+            std::process::exit(1)
+        }
+    }
+}
+
+async fn report_init_error(kind: &str, message: &str) {
+    let Ok(api) = std::env::var("AWS_LAMBDA_RUNTIME_API") else {
+        return;
+    };
+    let Ok(client) = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+    else {
+        return;
+    };
+    let _ = client
+        .post(format!("http://{api}/2018-06-01/runtime/init/error"))
+        .header("Lambda-Runtime-Function-Error-Type", kind)
+        .json(&serde_json::json!({"errorMessage": message, "errorType": kind, "stackTrace": []}))
+        .send()
+        .await;
+}
+
 /// Self-hosted start-up: configuration from the environment, the embedded store at
 /// `KITEBRIDGE_DB` (default `kitebridge.db` in the working directory).
 pub fn self_hosted(role: Role) -> Result<AppState, Error> {

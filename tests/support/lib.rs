@@ -127,6 +127,19 @@ pub async fn dynamodb() -> DynamoKv {
     kv
 }
 
+/// A fresh table in the emulator and the settings a Lambda binary needs to use it
+/// (`KITEBRIDGE_TABLE`, `AWS_ENDPOINT_URL`): the SDK finds the emulator as it would find
+/// DynamoDB, through its standard configuration.
+pub async fn dynamodb_settings() -> std::collections::HashMap<String, String> {
+    let kv = dynamodb().await;
+    std::collections::HashMap::from([
+        ("KITEBRIDGE_TABLE".to_string(), kv.table().to_string()),
+        ("AWS_ENDPOINT_URL".to_string(), emulator().endpoint.clone()),
+    ])
+}
+
+pub mod lambda;
+
 pub mod harness {
     //! A kitebridge wired to fake Buildkite and Bitbucket servers on loopback, built through the
     //! same start-up code the binaries use ([`kitebridge::bootstrap::app_state`]).

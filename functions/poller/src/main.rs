@@ -5,7 +5,7 @@ use lambda_runtime::{LambdaEvent, service_fn};
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
-    let state = kitebridge::bootstrap::lambda(Role::Poller).await?;
+    let state = kitebridge::bootstrap::lambda_or_exit(Role::Poller).await;
     let poller = state.poller.ok_or("the poller is not configured")?;
     let poller = &poller;
     lambda_runtime::run(service_fn(

@@ -1,0 +1,112 @@
+//! The real `releases` binary under a Lambda Runtime API emulator, behind API Gateway (HTTP
+//! API, payload 2.0 events), with the DynamoDB emulator as its table and a fake Buildkite on
+//! loopback: a project is configured, a cut triggers the release build with the `AVIATOR_*`
+//! variables, a retried cut with the same Idempotency-Key is answered from the table without a
+//! second build, and requests without the API token are refused with a JSON 401.
+
+use std::path::Path;
+
+use kitebridge_fakes::*;
+use kitebridge_tests::lambda::Function;
+use serde_json::json;
+
+const API_TOKEN: &str = "releases-lambda-token-5f3a";
+const SHA: &str = "4e1f0c9b7a2d3e5f6a8b9c0d1e2f3a4b5c6d7e8f";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_triggers_a_build_through_the_lambda_binary() {
+    let bk = FakeBuildkite::start(FakeBuildkiteOptions::default()).await;
+    for slug in ["web-release", "web-deploy"] {
+        bk.add_pipeline(Pipeline::new(
+            DEFAULT_ORGANIZATION,
+            slug,
+            slug,
+            "ssh://git@bitbucket.example:7999/proj/web.git",
+        ));
+    }
+    let mut settings = std::collections::HashMap::from(
+        [
+            ("BUILDKITE_API_URL", bk.url()),
+            ("BUILDKITE_API_TOKEN", DEFAULT_BUILDKITE_TOKEN.to_string()),
+            ("KITEBRIDGE_API_TOKEN", API_TOKEN.to_string()),
+        ]
+        .map(|(k, v)| (k.to_string(), v)),
+    );
+    settings.extend(kitebridge_tests::dynamodb_settings().await);
+
+    let f = Function::start(
+        Path::new(env!("CARGO_BIN_EXE_releases")),
+        "releases",
+        &settings,
+    )
+    .await;
+    eprintln!("releases ready {:?} after process start", f.ready_after);
+    let bearer = format!("Bearer {API_TOKEN}");
+    let auth = [
+        ("authorization", bearer.as_str()),
+        ("content-type", "application/json"),
+    ];
+
+    // No token: refused, with a JSON message.
+    let a = f.http("GET", "/projects/web", &[], None).await;
+    assert_eq!(a.status, 401, "{:?}", a.body);
+    assert!(a.body["message"].is_string(), "{:?}", a.body);
+
+    let project = json!({
+        "build_pipeline": {"organization": DEFAULT_ORGANIZATION, "pipeline": "web-release"},
+        "version_scheme": "semver",
+        "environments": [
+            {"name": "staging",
+             "deploy_pipeline": {"organization": DEFAULT_ORGANIZATION, "pipeline": "web-deploy"}}
+        ]
+    })
+    .to_string();
+    let a = f.http("PUT", "/projects/web", &auth, Some(&project)).await;
+    assert_eq!(a.status, 201, "{:?}", a.body);
+
+    // The cut: a release build on the build pipeline, with the Aviator variables.
+    let cut = json!({"commit": SHA, "branch": "main", "version": "2.0.0"}).to_string();
+    let keyed = [auth[0], auth[1], ("idempotency-key", "cut-2.0.0-attempt")];
+    let a = f
+        .http("POST", "/projects/web/releases", &keyed, Some(&cut))
+        .await;
+    assert_eq!(a.status, 201, "{:?}", a.body);
+    let candidate = &a.body["candidate"];
+    assert_eq!(candidate["version"], "2.0.0-rc1");
+    assert_eq!(candidate["state"], "building");
+    let builds = bk.created_builds();
+    assert_eq!(builds.len(), 1, "{builds:?}");
+    let b = &builds[0];
+    assert_eq!(
+        (b.pipeline.as_str(), b.commit.as_str()),
+        ("web-release", SHA)
+    );
+    assert_eq!(b.env["AVIATOR_RELEASE_CUT_ID"], candidate["cut_id"]);
+    assert_eq!(b.env["AVIATOR_RELEASE_CANDIDATE_VERSION"], "2.0.0-rc1");
+    assert_eq!(b.env["AVIATOR_RELEASE_CUT_COMMIT_HASH"], SHA);
+
+    // API Gateway or the client retries the cut: the same answer, no second build.
+    let again = f
+        .http("POST", "/projects/web/releases", &keyed, Some(&cut))
+        .await;
+    assert_eq!(again.status, 201, "{:?}", again.body);
+    assert_eq!(again.body["candidate"]["cut_id"], candidate["cut_id"]);
+    assert_eq!(bk.created_builds().len(), 1);
+
+    // Read back from the table.
+    let a = f
+        .http("GET", "/projects/web/releases/2.0.0", &auth, None)
+        .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(a.body["candidates"][0]["state"], "building");
+
+    let stopped = f.stop();
+    eprintln!("releases peak RSS {} KiB", stopped.peak_rss_kib);
+    let output = stopped.output.join("\n");
+    for secret in [API_TOKEN, DEFAULT_BUILDKITE_TOKEN] {
+        assert!(
+            !output.contains(secret),
+            "a secret reached the logs:\n{output}"
+        );
+    }
+}
