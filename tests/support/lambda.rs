@@ -7,7 +7,7 @@
 //! process, one event at a time, as Lambda runs it. [`LambdaProcess`] starts a binary with the
 //! environment Lambda gives it (`env_clear`, then the `AWS_LAMBDA_*` variables and the
 //! function's settings), keeps what it prints, measures process start -> first
-//! `invocation/next` (ready) and, once stopped, its peak RSS from the kernel (`wait4`).
+//! `invocation/next` (ready) and, when stopped, its peak RSS (`VmHWM`, read before it exits).
 //!
 //! Event builders: [`http_api_event`] (API Gateway HTTP API, payload format 2.0, what the SAM
 //! template's `HttpApi` events deliver) and [`scheduled_event`] (the EventBridge schedule's
@@ -298,7 +298,7 @@ pub struct LambdaProcess {
 /// What a stopped process left behind.
 #[derive(Debug)]
 pub struct Stopped {
-    /// Peak resident set size, in KiB (`ru_maxrss` from `wait4`).
+    /// Peak resident set size, in KiB (`VmHWM` just before it was stopped).
     pub peak_rss_kib: u64,
     /// Everything it printed on stdout and stderr, line by line.
     pub output: Vec<String>,
@@ -363,6 +363,9 @@ impl LambdaProcess {
     /// after 2 s) and collects its peak RSS and output.
     pub fn stop(mut self) -> Stopped {
         let pid = self.child.id() as libc::pid_t;
+        // The peak of the running program itself. (`wait4`'s `ru_maxrss` would also count the
+        // parent's pages the child held between fork and exec: a floor of the test's own RSS.)
+        let hwm = peak_rss_kib(pid);
         let mut rusage: libc::rusage = unsafe { std::mem::zeroed() };
         let mut status = 0;
         // SAFETY: plain syscalls on our own child's pid, which is not reaped before wait4.
@@ -391,10 +394,17 @@ impl LambdaProcess {
             let _ = r.join();
         }
         Stopped {
-            peak_rss_kib: rusage.ru_maxrss.max(0) as u64,
+            peak_rss_kib: hwm.unwrap_or(rusage.ru_maxrss.max(0) as u64),
             output: self.output.lock().unwrap().clone(),
         }
     }
+}
+
+/// `VmHWM` of a running process (peak resident set since its exec), in KiB.
+pub fn peak_rss_kib(pid: libc::pid_t) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// An API Gateway HTTP API event (payload format 2.0) for one request, as the `$default` stage
@@ -559,7 +569,12 @@ impl Function {
 
     /// Invokes it with `event`; panics with the function's output if there is no answer in 30 s.
     pub async fn invoke(&self, event: &Value) -> Outcome {
-        match self.api.invoke(event, Duration::from_secs(30)).await {
+        self.invoke_within(event, Duration::from_secs(30)).await
+    }
+
+    /// [`Function::invoke`] with another timeout (the poller's is 300 s on Lambda).
+    pub async fn invoke_within(&self, event: &Value, timeout: Duration) -> Outcome {
+        match self.api.invoke(event, timeout).await {
             Ok(outcome) => outcome,
             Err(e) => panic!(
                 "{e}\n--- the function's output ---\n{}",
