@@ -174,23 +174,15 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<ExitCode, kitebridge::Error> {
     match cli.command {
         Command::Serve { listen } => {
+            // Ctrl-C and SIGTERM are caught from here on: one arriving during start-up still
+            // means a clean stop.
+            let shutdown = shutdown_signal();
             let state = kitebridge::bootstrap::self_hosted(Role::Serve)?;
-            let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
-                kitebridge::Error::Startup(format!("cannot listen on {listen}: {e}"))
-            })?;
-            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-            let poll_loop = tokio::spawn(kitebridge::serve::poll_loop(state.clone(), stop_rx));
-            let bound = listener.local_addr().unwrap_or(listen);
+            let (listener, bound) = bind(listen).await?;
             tracing::info!(listen = %bound, "kitebridge serving");
             // Printed once the address is bound, so scripts and tests can wait for it.
             println!("kitebridge listening on http://{bound}");
-            let served = axum::serve(listener, kitebridge::http::router(state))
-                .with_graceful_shutdown(shutdown_signal())
-                .await;
-            // Requests in flight are answered; let the poll loop finish its cycle, then exit.
-            let _ = stop_tx.send(true);
-            let _ = poll_loop.await;
-            served.map_err(|e| kitebridge::Error::Startup(format!("server: {e}")))?;
+            serve_on(listener, state, shutdown).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Poll => {
@@ -218,23 +210,64 @@ async fn run(cli: Cli) -> Result<ExitCode, kitebridge::Error> {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Binds `listen`; the error names the address.
+async fn bind(
+    listen: SocketAddr,
+) -> Result<(tokio::net::TcpListener, SocketAddr), kitebridge::Error> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| kitebridge::Error::Startup(format!("cannot listen on {listen}: {e}")))?;
+    let bound = listener.local_addr().unwrap_or(listen);
+    Ok((listener, bound))
+}
+
+/// The self-hosted process on a bound listener: every HTTP route (webhook receiver, releases
+/// and rules APIs, `/healthz`) and, beside it, the poll loop. Returns once `shutdown` has
+/// resolved, the requests in flight have been answered and the poll loop has finished its
+/// cycle.
+async fn serve_on(
+    listener: tokio::net::TcpListener,
+    state: kitebridge::http::AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), kitebridge::Error> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let poll_loop = tokio::spawn(kitebridge::serve::poll_loop(state.clone(), stop_rx));
+    let served = axum::serve(listener, kitebridge::http::router(state))
+        .with_graceful_shutdown(shutdown)
+        .await;
+    // Requests in flight are answered; let the poll loop finish its cycle, then return.
+    let _ = stop_tx.send(true);
+    let _ = poll_loop.await;
+    served.map_err(|e| kitebridge::Error::Startup(format!("server: {e}")))
+}
+
+/// Resolves on Ctrl-C or SIGTERM. The handlers are installed when this is called (not when it
+/// is first awaited), so a signal that arrives before then is not lost.
+fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let interrupt = signal(SignalKind::interrupt()).ok();
+        let terminate = signal(SignalKind::terminate()).ok();
+        async move {
+            let wait = |s: Option<tokio::signal::unix::Signal>| async move {
+                match s {
+                    Some(mut s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = wait(interrupt) => {},
+                _ = wait(terminate) => {},
             }
-            Err(_) => std::future::pending::<()>().await,
         }
-    };
+    }
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
+    {
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
