@@ -9,6 +9,7 @@ use kitebridge::config::Role;
 
 mod eval;
 mod rules;
+mod sandbox;
 
 #[derive(Parser)]
 #[command(
@@ -31,6 +32,21 @@ enum Command {
     },
     /// Run one poll-and-report cycle, then exit (status 0 only if the cycle succeeded).
     Poll,
+    /// Try kitebridge with no accounts: SIMULATED Buildkite and Bitbucket servers on loopback,
+    /// `kitebridge serve` wired to them, and a short story (builds fail and pass, a webhook is
+    /// missed, a release is cut and deployed) showing what kitebridge does. See docs/sandbox.md.
+    Sandbox {
+        /// Address kitebridge listens on (`127.0.0.1:0`: any free port; the address is printed).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Play the story, print the summary and exit (status 0 only if every step did what
+        /// it should) instead of staying up.
+        #[arg(long)]
+        exit: bool,
+        /// Pause between the story's steps, in milliseconds, so a human can follow.
+        #[arg(long, default_value_t = 400, value_name = "MS")]
+        pace_ms: u64,
+    },
     /// Work with trigger rules.
     Rules {
         #[command(subcommand)]
@@ -185,6 +201,22 @@ async fn run(cli: Cli) -> Result<ExitCode, kitebridge::Error> {
             serve_on(listener, state, shutdown).await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Sandbox {
+            listen,
+            exit,
+            pace_ms,
+        } => {
+            let shutdown = shutdown_signal();
+            sandbox::run(
+                sandbox::Options {
+                    listen,
+                    exit,
+                    pace: std::time::Duration::from_millis(pace_ms),
+                },
+                shutdown,
+            )
+            .await
+        }
         Command::Poll => {
             let state = kitebridge::bootstrap::self_hosted(Role::Poller)?;
             let Some(poller) = state.poller else {
@@ -224,7 +256,7 @@ async fn bind(
 /// The self-hosted process on a bound listener: every HTTP route (webhook receiver, releases
 /// and rules APIs, `/healthz`) and, beside it, the poll loop. Returns once `shutdown` has
 /// resolved, the requests in flight have been answered and the poll loop has finished its
-/// cycle.
+/// cycle. `kitebridge serve` and `kitebridge sandbox` both run exactly this.
 async fn serve_on(
     listener: tokio::net::TcpListener,
     state: kitebridge::http::AppState,
