@@ -9,6 +9,7 @@ use kitebridge::config::Role;
 
 mod eval;
 mod rules;
+mod sandbox;
 
 #[derive(Parser)]
 #[command(
@@ -31,6 +32,21 @@ enum Command {
     },
     /// Run one poll-and-report cycle, then exit (status 0 only if the cycle succeeded).
     Poll,
+    /// Try kitebridge with no accounts: SIMULATED Buildkite and Bitbucket servers on loopback,
+    /// `kitebridge serve` wired to them, and a short story (builds fail and pass, a webhook is
+    /// missed, a release is cut and deployed) showing what kitebridge does. See docs/sandbox.md.
+    Sandbox {
+        /// Address kitebridge listens on (`127.0.0.1:0`: any free port; the address is printed).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Play the story, print the summary and exit (status 0 only if every step did what
+        /// it should) instead of staying up.
+        #[arg(long)]
+        exit: bool,
+        /// Pause between the story's steps, in milliseconds, so a human can follow.
+        #[arg(long, default_value_t = 400, value_name = "MS")]
+        pace_ms: u64,
+    },
     /// Work with trigger rules.
     Rules {
         #[command(subcommand)]
@@ -174,24 +190,32 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<ExitCode, kitebridge::Error> {
     match cli.command {
         Command::Serve { listen } => {
+            // Ctrl-C and SIGTERM are caught from here on: one arriving during start-up still
+            // means a clean stop.
+            let shutdown = shutdown_signal();
             let state = kitebridge::bootstrap::self_hosted(Role::Serve)?;
-            let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
-                kitebridge::Error::Startup(format!("cannot listen on {listen}: {e}"))
-            })?;
-            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-            let poll_loop = tokio::spawn(kitebridge::serve::poll_loop(state.clone(), stop_rx));
-            let bound = listener.local_addr().unwrap_or(listen);
+            let (listener, bound) = bind(listen).await?;
             tracing::info!(listen = %bound, "kitebridge serving");
             // Printed once the address is bound, so scripts and tests can wait for it.
             println!("kitebridge listening on http://{bound}");
-            let served = axum::serve(listener, kitebridge::http::router(state))
-                .with_graceful_shutdown(shutdown_signal())
-                .await;
-            // Requests in flight are answered; let the poll loop finish its cycle, then exit.
-            let _ = stop_tx.send(true);
-            let _ = poll_loop.await;
-            served.map_err(|e| kitebridge::Error::Startup(format!("server: {e}")))?;
+            serve_on(listener, state, shutdown).await?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Sandbox {
+            listen,
+            exit,
+            pace_ms,
+        } => {
+            let shutdown = shutdown_signal();
+            sandbox::run(
+                sandbox::Options {
+                    listen,
+                    exit,
+                    pace: std::time::Duration::from_millis(pace_ms),
+                },
+                shutdown,
+            )
+            .await
         }
         Command::Poll => {
             let state = kitebridge::bootstrap::self_hosted(Role::Poller)?;
@@ -218,23 +242,64 @@ async fn run(cli: Cli) -> Result<ExitCode, kitebridge::Error> {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Binds `listen`; the error names the address.
+async fn bind(
+    listen: SocketAddr,
+) -> Result<(tokio::net::TcpListener, SocketAddr), kitebridge::Error> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| kitebridge::Error::Startup(format!("cannot listen on {listen}: {e}")))?;
+    let bound = listener.local_addr().unwrap_or(listen);
+    Ok((listener, bound))
+}
+
+/// The self-hosted process on a bound listener: every HTTP route (webhook receiver, releases
+/// and rules APIs, `/healthz`) and, beside it, the poll loop. Returns once `shutdown` has
+/// resolved, the requests in flight have been answered and the poll loop has finished its
+/// cycle. `kitebridge serve` and `kitebridge sandbox` both run exactly this.
+async fn serve_on(
+    listener: tokio::net::TcpListener,
+    state: kitebridge::http::AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), kitebridge::Error> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let poll_loop = tokio::spawn(kitebridge::serve::poll_loop(state.clone(), stop_rx));
+    let served = axum::serve(listener, kitebridge::http::router(state))
+        .with_graceful_shutdown(shutdown)
+        .await;
+    // Requests in flight are answered; let the poll loop finish its cycle, then return.
+    let _ = stop_tx.send(true);
+    let _ = poll_loop.await;
+    served.map_err(|e| kitebridge::Error::Startup(format!("server: {e}")))
+}
+
+/// Resolves on Ctrl-C or SIGTERM. The handlers are installed when this is called (not when it
+/// is first awaited), so a signal that arrives before then is not lost.
+fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let interrupt = signal(SignalKind::interrupt()).ok();
+        let terminate = signal(SignalKind::terminate()).ok();
+        async move {
+            let wait = |s: Option<tokio::signal::unix::Signal>| async move {
+                match s {
+                    Some(mut s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = wait(interrupt) => {},
+                _ = wait(terminate) => {},
             }
-            Err(_) => std::future::pending::<()>().await,
         }
-    };
+    }
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
+    {
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
