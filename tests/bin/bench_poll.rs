@@ -46,16 +46,6 @@ fn args() -> Args {
     a
 }
 
-/// Peak resident set of the finished child processes, in KiB (Linux `ru_maxrss`).
-fn children_peak_rss_kib() -> i64 {
-    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-    // SAFETY: getrusage writes a rusage struct into the pointer we pass; RUSAGE_CHILDREN is valid.
-    let rc = unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, usage.as_mut_ptr()) };
-    assert_eq!(rc, 0, "getrusage");
-    // SAFETY: getrusage returned 0, so the struct is initialised.
-    unsafe { usage.assume_init() }.ru_maxrss
-}
-
 #[tokio::main]
 async fn main() {
     let a = args();
@@ -113,30 +103,48 @@ async fn main() {
         bk.clear_requests();
         bb.clear_requests();
         let t = Instant::now();
-        let out = Command::new(&a.kitebridge)
+        let out_path = dir.join("stdout");
+        let err_path = dir.join("stderr");
+        let mut child = Command::new(&a.kitebridge)
             .arg("poll")
             .env_clear()
             .envs(&vars)
-            .output()
+            .stdout(std::fs::File::create(&out_path).expect("stdout file"))
+            .stderr(std::fs::File::create(&err_path).expect("stderr file"))
+            .spawn()
             .unwrap_or_else(|e| panic!("cannot run {}: {e}", a.kitebridge));
+        // Peak RSS of the program itself: its VmHWM, sampled until it exits. (getrusage's
+        // children maxrss would count this process's pages, held by the child before exec.)
+        let pid = child.id() as libc::pid_t;
+        let mut peak_kib = 0;
+        let status = loop {
+            if let Some(k) = kitebridge_tests::lambda::peak_rss_kib(pid) {
+                peak_kib = peak_kib.max(k);
+            }
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
         let wall = t.elapsed();
+        let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
         assert!(
-            out.status.success(),
+            status.success(),
             "kitebridge poll failed: {}",
-            String::from_utf8_lossy(&out.stderr)
+            std::fs::read_to_string(&err_path).unwrap_or_default()
         );
         let bk_requests = bk.requests().len();
         let bb_requests = bb.requests().len();
         println!(
             "{label}: {:.2} s wall, {bk_requests} Buildkite requests, {bb_requests} Bitbucket requests; summary {}",
             wall.as_secs_f64(),
-            String::from_utf8_lossy(&out.stdout).trim()
+            stdout.trim()
         );
-        (wall, bk_requests, bb_requests)
+        (wall, bk_requests, bb_requests, peak_kib)
     };
 
-    let (wall, bk_n, bb_n) = run(&format!("{} changed builds", a.builds));
-    let rss_mib = children_peak_rss_kib() as f64 / 1024.0;
+    let (wall, bk_n, bb_n, peak_kib) = run(&format!("{} changed builds", a.builds));
+    let rss_mib = peak_kib as f64 / 1024.0;
     let expected = a.builds as usize;
     let statuses = bb.current_statuses().len();
     assert_eq!(statuses, expected, "every build's status is on Bitbucket");
@@ -148,7 +156,7 @@ async fn main() {
         bk_n + bb_n,
         (bk_n + 2 * bb_n) as f64 * a.latency.as_secs_f64()
     );
-    let (idle_wall, idle_bk, idle_bb) = run("idle cycle");
+    let (idle_wall, idle_bk, idle_bb, _) = run("idle cycle");
     println!(
         "RESULT builds={} latency_ms={} wall_s={:.2} buildkite_requests={bk_n} bitbucket_requests={bb_n} peak_rss_mib={rss_mib:.1} idle_wall_s={:.2} idle_buildkite_requests={idle_bk} idle_bitbucket_requests={idle_bb}",
         a.builds,
