@@ -9,6 +9,7 @@ use kitebridge::config::Role;
 
 mod eval;
 mod rules;
+#[cfg(feature = "sandbox")]
 mod sandbox;
 
 #[derive(Parser)]
@@ -32,6 +33,7 @@ enum Command {
     },
     /// Run one poll-and-report cycle, then exit (status 0 only if the cycle succeeded).
     Poll,
+    #[cfg(feature = "sandbox")]
     /// Try kitebridge with no accounts: SIMULATED Buildkite and Bitbucket servers on loopback,
     /// `kitebridge serve` wired to them, and a short story (builds fail and pass, a webhook is
     /// missed, a release is cut and deployed) showing what kitebridge does. See docs/sandbox.md.
@@ -201,6 +203,7 @@ async fn run(cli: Cli) -> Result<ExitCode, kitebridge::Error> {
             serve_on(listener, state, shutdown).await?;
             Ok(ExitCode::SUCCESS)
         }
+        #[cfg(feature = "sandbox")]
         Command::Sandbox {
             listen,
             exit,

@@ -3,6 +3,8 @@
 //! cannot); without it, it stays up, answers `/healthz` at the printed address and exits 0 on
 //! SIGTERM. Either way its temporary directory is gone afterwards.
 
+#![cfg(feature = "sandbox")]
+
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;

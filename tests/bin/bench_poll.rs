@@ -46,6 +46,18 @@ fn args() -> Args {
     a
 }
 
+/// CPU time (user + system) of the finished children, in seconds.
+fn children_cpu_secs() -> f64 {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes a rusage struct into the pointer we pass; RUSAGE_CHILDREN is valid.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, usage.as_mut_ptr()) };
+    assert_eq!(rc, 0, "getrusage");
+    // SAFETY: getrusage returned 0, so the struct is initialised.
+    let u = unsafe { usage.assume_init() };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(u.ru_utime) + secs(u.ru_stime)
+}
+
 #[tokio::main]
 async fn main() {
     let a = args();
@@ -105,6 +117,7 @@ async fn main() {
         let t = Instant::now();
         let out_path = dir.join("stdout");
         let err_path = dir.join("stderr");
+        let cpu_before = children_cpu_secs();
         let mut child = Command::new(&a.kitebridge)
             .arg("poll")
             .env_clear()
@@ -127,6 +140,7 @@ async fn main() {
             std::thread::sleep(Duration::from_millis(2));
         };
         let wall = t.elapsed();
+        let cpu = children_cpu_secs() - cpu_before;
         let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
         assert!(
             status.success(),
@@ -140,6 +154,7 @@ async fn main() {
             wall.as_secs_f64(),
             stdout.trim()
         );
+        println!("{label}: {cpu:.2} s of CPU (user + system)");
         (wall, bk_requests, bb_requests, peak_kib)
     };
 
