@@ -20,8 +20,39 @@ pub(crate) struct RegexLit {
     pub re: regex::Regex,
 }
 
+/// Compiled literals by (pattern, flags), errors included: the same rule conditions are parsed
+/// again for every build they are checked against, and compiling a regex costs tens of
+/// microseconds while cloning a compiled one shares it. Bounded: emptied when full.
+static CACHE: std::sync::LazyLock<
+    std::sync::Mutex<std::collections::HashMap<(String, String), Result<regex::Regex, String>>>,
+> = std::sync::LazyLock::new(Default::default);
+const CACHE_CAPACITY: usize = 1024;
+
 impl RegexLit {
     pub(crate) fn compile(pattern: &str, flags: &str) -> Result<Self, String> {
+        let key = (pattern.to_owned(), flags.to_owned());
+        let cached = CACHE.lock().ok().and_then(|cache| cache.get(&key).cloned());
+        let re = match cached {
+            Some(re) => re,
+            None => {
+                let re = Self::build(pattern, flags);
+                if let Ok(mut cache) = CACHE.lock() {
+                    if cache.len() >= CACHE_CAPACITY {
+                        cache.clear();
+                    }
+                    cache.insert(key.clone(), re.clone());
+                }
+                re
+            }
+        }?;
+        Ok(Self {
+            pattern: key.0,
+            flags: key.1,
+            re,
+        })
+    }
+
+    fn build(pattern: &str, flags: &str) -> Result<regex::Regex, String> {
         let mut case_insensitive = false;
         for f in flags.chars() {
             match f {
@@ -45,11 +76,7 @@ impl RegexLit {
                 regex::Error::CompiledTooBig(_) => "regexp is too large".to_owned(),
                 _ => "could not parse regexp".to_owned(),
             })?;
-        Ok(Self {
-            pattern: pattern.to_owned(),
-            flags: flags.to_owned(),
-            re,
-        })
+        Ok(re)
     }
 }
 
@@ -291,6 +318,24 @@ fn class_leading(b: &[u8], at: usize, out: &mut String) -> usize {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn cached_literals_keep_their_flags_and_errors() {
+        for _ in 0..2 {
+            let plain = RegexLit::compile("^release-", "").unwrap();
+            let folded = RegexLit::compile("^release-", "i").unwrap();
+            assert!(!plain.re.is_match("RELEASE-1"));
+            assert!(folded.re.is_match("RELEASE-1"));
+            assert_eq!(
+                (plain.pattern.as_str(), plain.flags.as_str()),
+                ("^release-", "")
+            );
+            assert_eq!(folded.flags, "i");
+            let e = RegexLit::compile("(?<=a)b", "").unwrap_err();
+            assert_eq!(e, "unsupported regexp feature: lookbehind");
+            assert!(RegexLit::compile("^release-", "x").is_err());
+        }
+    }
+
     use super::*;
 
     fn m(pattern: &str, flags: &str, hay: &str) -> bool {
