@@ -407,6 +407,14 @@ impl Config {
                 "required (the webhook's token; several separated by commas while rotating)",
             );
         }
+        // Nothing stands in front of `kitebridge serve` to check IAM signatures: `iam` there
+        // would leave the releases and rules APIs open to anyone who can reach the port.
+        need(
+            !(role == Role::Serve && self.api_auth == ApiAuth::Iam),
+            "KITEBRIDGE_API_AUTH",
+            "`iam` is for the Lambda functions behind API Gateway's IAM authorization; \
+             `kitebridge serve` checks the bearer token (KITEBRIDGE_API_TOKEN)",
+        );
         if releases && self.api_auth == ApiAuth::Token {
             need(
                 self.api_token.is_some(),
@@ -853,6 +861,12 @@ mod tests {
         assert_eq!(config(&[]).unwrap().api_auth, ApiAuth::Token);
         let c = config(&[("KITEBRIDGE_API_AUTH", "IAM"), ("BUILDKITE_API_TOKEN", "t")]).unwrap();
         assert_eq!(c.api_auth, ApiAuth::Iam);
+        // ... accepted by the releases Lambda, refused by the self-hosted process.
+        let errors = c.require(Role::Serve).unwrap_err().0;
+        assert!(
+            errors.iter().any(|e| e.variable == "KITEBRIDGE_API_AUTH"),
+            "{errors:?}"
+        );
         assert!(c.require(Role::Releases).is_ok());
         let c = config(&[
             ("KITEBRIDGE_API_AUTH", "token"),
