@@ -504,3 +504,41 @@ async fn rules_api() {
         .unwrap();
     assert_eq!(r.status(), 404);
 }
+
+/// With `KITEBRIDGE_API_AUTH=iam` (the releases Lambda behind API Gateway's IAM authorization)
+/// the rules API, like the releases API, leaves authentication to API Gateway: a signed request
+/// arrives with no bearer token and is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_api_behind_iam_authorization() {
+    let config = kitebridge::config::Config::from_lookup(|name| match name {
+        "KITEBRIDGE_API_AUTH" => Some("iam".into()),
+        "BUILDKITE_API_TOKEN" => Some("bk".into()),
+        _ => None,
+    })
+    .unwrap();
+    config
+        .require(kitebridge::config::Role::Releases)
+        .expect("no API token needed with iam");
+    let state = kitebridge::bootstrap::app_state(config, sqlite()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        axum::serve(listener, kitebridge::http::router(state))
+            .await
+            .unwrap()
+    });
+    let http = reqwest::Client::new();
+    let doc = json!({"rule": "pipeline.trigger_build.pipeline",
+        "value": {"source_pipeline": "acme-inc/web", "target_pipeline": "web-deploy"}});
+    let r = http
+        .put(format!("{base}/rules/deploy"))
+        .json(&doc)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let r = http.get(format!("{base}/rules")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(body.to_string().contains("\"deploy\""), "{body}");
+}
