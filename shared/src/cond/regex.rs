@@ -23,9 +23,9 @@ pub(crate) struct RegexLit {
 /// Compiled literals by (pattern, flags), errors included: the same rule conditions are parsed
 /// again for every build they are checked against, and compiling a regex costs tens of
 /// microseconds while cloning a compiled one shares it. Bounded: emptied when full.
-static CACHE: std::sync::LazyLock<
-    std::sync::Mutex<std::collections::HashMap<(String, String), Result<regex::Regex, String>>>,
-> = std::sync::LazyLock::new(Default::default);
+static CACHE: std::sync::LazyLock<std::sync::Mutex<Compiled>> =
+    std::sync::LazyLock::new(Default::default);
+type Compiled = std::collections::HashMap<(String, String), Result<regex::Regex, String>>;
 const CACHE_CAPACITY: usize = 1024;
 
 impl RegexLit {
