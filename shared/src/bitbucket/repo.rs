@@ -115,7 +115,21 @@ pub fn clone_host(url: &str) -> Option<String> {
 
 /// Parses a Bitbucket Server / Data Center clone URL (or a repository's browse URL).
 pub fn parse_server(url: &str) -> Result<ServerRepo, RepoError> {
-    let CloneUrl { host, segments } = split_clone_url(url)?;
+    server_repo(split_clone_url(url)?)
+}
+
+/// [`is_on_bitbucket`], then [`parse_server`] when it is, taking the URL apart once: `None`
+/// when the repository is not on the Bitbucket at `bitbucket_url`.
+pub fn parse_server_on(
+    clone_url: &str,
+    bitbucket_url: &Url,
+) -> Option<Result<ServerRepo, RepoError>> {
+    let parts = split_clone_url(clone_url).ok()?;
+    let bitbucket = bitbucket_host(bitbucket_url)?;
+    (canonical_host(&parts.host) == bitbucket).then(|| server_repo(parts))
+}
+
+fn server_repo(CloneUrl { host, segments }: CloneUrl) -> Result<ServerRepo, RepoError> {
     let s: Vec<&str> = segments.iter().map(String::as_str).collect();
     let n = s.len();
     let (project, slug) = if n >= 3 && s[n - 3] == "scm" {
@@ -441,6 +455,12 @@ mod tests {
             assert_eq!(
                 is_on_bitbucket(clone, &configured),
                 want,
+                "{clone} on {configured}"
+            );
+            // The one-parse form says the same, then what `parse_server` says.
+            assert_eq!(
+                parse_server_on(clone, &configured),
+                want.then(|| parse_server(clone)),
                 "{clone} on {configured}"
             );
         }

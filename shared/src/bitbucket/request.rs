@@ -226,10 +226,9 @@ fn path_for(
         }
         ApiKind::Repository { .. } => {
             let clone_url = required()?;
-            if !repo::is_on_bitbucket(clone_url, bitbucket_url) {
-                return Err(not_on_bitbucket(clone_url));
-            }
-            let r = repo::parse_server(clone_url).map_err(|e| unusable(clone_url, e))?;
+            let r = repo::parse_server_on(clone_url, bitbucket_url)
+                .ok_or_else(|| not_on_bitbucket(clone_url))?
+                .map_err(|e| unusable(clone_url, e))?;
             Ok(format!(
                 "/rest/api/latest/projects/{}/repos/{}/commits/{commit}/builds",
                 segment(&r.project_key),

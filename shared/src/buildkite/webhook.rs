@@ -159,7 +159,7 @@ struct SignatureHeader<'a> {
     timestamp: i64,
     /// Signed as sent, not as re-formatted (`+5` or `007` would not be re-created by `to_string`).
     timestamp_text: &'a str,
-    mac: Vec<u8>,
+    mac: [u8; 32],
 }
 
 /// `timestamp=<digits>,signature=<64 hex>`, parts in any order, whitespace around parts ignored
@@ -191,13 +191,14 @@ fn parse_signature_header(header: &str) -> Result<SignatureHeader<'_>, VerifyErr
     let timestamp = timestamp_text
         .parse::<i64>()
         .map_err(|_| VerifyError::MalformedSignature("the timestamp is out of range"))?;
-    let mac = hex::decode(signature)
-        .map_err(|_| VerifyError::MalformedSignature("the signature is not hex"))?;
-    if mac.len() != 32 {
-        return Err(VerifyError::MalformedSignature(
-            "the signature is not an HMAC-SHA256",
-        ));
+    // What `hex::decode` refuses (odd length, a non-hex digit) is "not hex"; valid hex of
+    // another length is "not an HMAC-SHA256". Decoded in place, without allocating.
+    if signature.len() % 2 != 0 || !signature.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(VerifyError::MalformedSignature("the signature is not hex"));
     }
+    let mut mac = [0u8; 32];
+    hex::decode_to_slice(signature, &mut mac)
+        .map_err(|_| VerifyError::MalformedSignature("the signature is not an HMAC-SHA256"))?;
     Ok(SignatureHeader {
         timestamp,
         timestamp_text,
@@ -548,6 +549,33 @@ mod tests {
                 "{header}"
             );
         }
+    }
+
+    #[test]
+    fn malformed_signatures_say_why() {
+        let sig = "de563f8b06fb81697516e771d4969298c7f017ac052398ceb687351f67bd0432";
+        for (signature, why) in [
+            ("zz", "the signature is not hex"),
+            ("de5", "the signature is not hex"),
+            (&sig[..63], "the signature is not hex"),
+            (
+                "DE563F8B06FB81697516E771D4969298C7F017AC052398CEB687351F67BD043g",
+                "the signature is not hex",
+            ),
+            ("de56", "the signature is not an HMAC-SHA256"),
+            ("", "the signature is not an HMAC-SHA256"),
+            (&format!("{sig}00"), "the signature is not an HMAC-SHA256"),
+        ] {
+            let header = format!("timestamp=1741687781,signature={signature}");
+            assert_eq!(
+                check(Some(&header), None, BODY, &[TOKEN], NOW),
+                Err(VerifyError::MalformedSignature(why)),
+                "{signature}"
+            );
+        }
+        // Upper-case hex is hex.
+        let header = format!("timestamp=1741687781,signature={}", sig.to_uppercase());
+        assert!(check(Some(&header), None, BODY, &[TOKEN], NOW).is_ok());
     }
 
     #[test]
