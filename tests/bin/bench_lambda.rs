@@ -66,17 +66,7 @@ struct Fakes {
 }
 
 async fn fakes() -> Fakes {
-    let bk = FakeBuildkite::start(FakeBuildkiteOptions::default()).await;
-    let bb = FakeBitbucket::start(FakeBitbucketOptions::default()).await;
-    bb.add_repository("PROJ", "web");
-    for slug in ["web", "web-release", "web-deploy"] {
-        bk.add_pipeline(Pipeline::new(
-            ORG,
-            slug,
-            slug,
-            harness::clone_url(&bb, "PROJ", "web"),
-        ));
-    }
+    let (bk, bb) = harness::fakes_for(&["web", "web-release", "web-deploy"]).await;
     let mut settings = harness::env(&bk, &bb);
     settings.extend(kitebridge_tests::dynamodb_settings().await);
     settings.insert("BITBUCKET_API".into(), "repository".into());
@@ -159,14 +149,7 @@ async fn webhook(a: &Args) {
             let d =
                 f.bk.webhook(ORG, "web", b.number, event, &auth)
                     .expect("build");
-            let headers: Vec<(&str, &str)> = d
-                .headers
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str()))
-                .collect();
-            let answer = func
-                .http("POST", "/webhooks/buildkite", &headers, Some(&d.body))
-                .await;
+            let answer = func.deliver(&d).await;
             assert_eq!(answer.status, 200, "{:?}", answer.body);
             sent += 1;
         }

@@ -599,6 +599,17 @@ impl Function {
         HttpAnswer::from_lambda(&response)
     }
 
+    /// A Buildkite webhook delivery, sent as API Gateway hands it to the function.
+    pub async fn deliver(&self, d: &kitebridge_fakes::WebhookDelivery) -> HttpAnswer {
+        let headers: Vec<(&str, &str)> = d
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        self.http("POST", "/webhooks/buildkite", &headers, Some(&d.body))
+            .await
+    }
+
     pub fn stop(self) -> Stopped {
         self.process.stop()
     }

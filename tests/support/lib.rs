@@ -191,6 +191,23 @@ pub mod harness {
             .unwrap_or_else(|e| panic!("app state: {e}"))
     }
 
+    /// A fake Buildkite and a fake Bitbucket holding repository `PROJ/web`, with one Buildkite
+    /// pipeline per slug in `pipelines`, each cloning that repository.
+    pub async fn fakes_for(pipelines: &[&str]) -> (FakeBuildkite, FakeBitbucket) {
+        let bk = FakeBuildkite::start(FakeBuildkiteOptions::default()).await;
+        let bb = FakeBitbucket::start(FakeBitbucketOptions::default()).await;
+        bb.add_repository("PROJ", "web");
+        for slug in pipelines {
+            bk.add_pipeline(Pipeline::new(
+                ORG,
+                *slug,
+                *slug,
+                clone_url(&bb, "PROJ", "web"),
+            ));
+        }
+        (bk, bb)
+    }
+
     /// A Data Center clone URL for the fake Bitbucket's host.
     pub fn clone_url(bb: &FakeBitbucket, project: &str, repo: &str) -> String {
         format!(

@@ -13,15 +13,7 @@ use kitebridge_tests::lambda::{Function, Outcome, scheduled_event};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scheduled_event_runs_a_poll_through_the_lambda_binary() {
-    let bk = FakeBuildkite::start(FakeBuildkiteOptions::default()).await;
-    let bb = FakeBitbucket::start(FakeBitbucketOptions::default()).await;
-    bb.add_repository("PROJ", "web");
-    bk.add_pipeline(Pipeline::new(
-        ORG,
-        "web",
-        "Web",
-        harness::clone_url(&bb, "PROJ", "web"),
-    ));
+    let (bk, bb) = harness::fakes_for(&["web"]).await;
     let ago = |mins| chrono::Utc::now() - chrono::Duration::minutes(mins);
     let states = [
         BuildState::Passed,

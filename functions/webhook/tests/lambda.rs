@@ -10,24 +10,9 @@ use kitebridge_fakes::*;
 use kitebridge_tests::harness::{self, ORG, WEBHOOK_TOKEN};
 use kitebridge_tests::lambda::Function;
 
-fn delivery_headers(d: &WebhookDelivery) -> Vec<(&str, &str)> {
-    d.headers
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_webhook_becomes_a_commit_status_through_the_lambda_binary() {
-    let bk = FakeBuildkite::start(FakeBuildkiteOptions::default()).await;
-    let bb = FakeBitbucket::start(FakeBitbucketOptions::default()).await;
-    bb.add_repository("PROJ", "web");
-    bk.add_pipeline(Pipeline::new(
-        ORG,
-        "web",
-        "Web",
-        harness::clone_url(&bb, "PROJ", "web"),
-    ));
+    let (bk, bb) = harness::fakes_for(&["web"]).await;
     let mut settings = harness::env(&bk, &bb);
     settings.extend(kitebridge_tests::dynamodb_settings().await);
     settings.insert("BITBUCKET_API".into(), "repository".into());
@@ -46,14 +31,7 @@ async fn a_webhook_becomes_a_commit_status_through_the_lambda_binary() {
         "https://example.invalid/webhooks/buildkite",
         &WebhookAuth::Token(WEBHOOK_TOKEN.into()),
     );
-    let a = f
-        .http(
-            "POST",
-            "/webhooks/buildkite",
-            &delivery_headers(&ping),
-            Some(&ping.body),
-        )
-        .await;
+    let a = f.deliver(&ping).await;
     assert_eq!(a.status, 200, "{:?}", a.body);
 
     // build.running, then build.finished (passed): INPROGRESS, then SUCCESSFUL.
@@ -67,14 +45,7 @@ async fn a_webhook_becomes_a_commit_status_through_the_lambda_binary() {
     let running = bk
         .webhook(ORG, "web", build.number, WebhookEvent::BuildRunning, &auth)
         .expect("build exists");
-    let a = f
-        .http(
-            "POST",
-            "/webhooks/buildkite",
-            &delivery_headers(&running),
-            Some(&running.body),
-        )
-        .await;
+    let a = f.deliver(&running).await;
     assert_eq!(a.status, 200, "{:?}", a.body);
     let posted = bb.statuses_for_commit(&sha);
     assert_eq!(posted.len(), 1, "{posted:?}");
@@ -85,14 +56,7 @@ async fn a_webhook_becomes_a_commit_status_through_the_lambda_binary() {
     let finished = bk
         .webhook(ORG, "web", build.number, WebhookEvent::BuildFinished, &auth)
         .expect("build exists");
-    let a = f
-        .http(
-            "POST",
-            "/webhooks/buildkite",
-            &delivery_headers(&finished),
-            Some(&finished.body),
-        )
-        .await;
+    let a = f.deliver(&finished).await;
     assert_eq!(a.status, 200, "{:?}", a.body);
     let current = bb.statuses_for_commit(&sha);
     assert_eq!(current.len(), 1, "one key per pipeline: {current:?}");
@@ -101,14 +65,7 @@ async fn a_webhook_becomes_a_commit_status_through_the_lambda_binary() {
     let posts = bb.posts().len();
 
     // The same delivery again (Buildkite retries): answered 200, not posted twice.
-    let a = f
-        .http(
-            "POST",
-            "/webhooks/buildkite",
-            &delivery_headers(&finished),
-            Some(&finished.body),
-        )
-        .await;
+    let a = f.deliver(&finished).await;
     assert_eq!(a.status, 200, "{:?}", a.body);
     assert_eq!(
         bb.posts().len(),
@@ -129,14 +86,7 @@ async fn a_webhook_becomes_a_commit_status_through_the_lambda_binary() {
             },
         )
         .expect("build exists");
-    let a = f
-        .http(
-            "POST",
-            "/webhooks/buildkite",
-            &delivery_headers(&forged),
-            Some(&forged.body),
-        )
-        .await;
+    let a = f.deliver(&forged).await;
     assert_eq!(a.status, 401, "{:?}", a.body);
     assert!(
         a.body["message"].as_str().is_some_and(|m| !m.is_empty()),
