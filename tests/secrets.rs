@@ -6,20 +6,7 @@ use std::collections::HashMap;
 use aws_sdk_secretsmanager::Client;
 
 async fn client() -> Client {
-    let endpoint = &kitebridge_tests::emulator().endpoint;
-    let conf = aws_sdk_secretsmanager::Config::builder()
-        .behavior_version(aws_sdk_secretsmanager::config::BehaviorVersion::latest())
-        .region(aws_sdk_secretsmanager::config::Region::new("us-east-1"))
-        .endpoint_url(endpoint)
-        .credentials_provider(aws_sdk_secretsmanager::config::Credentials::new(
-            "testing",
-            "testing",
-            None,
-            None,
-            "kitebridge-tests",
-        ))
-        .build();
-    Client::from_conf(conf)
+    Client::new(&kitebridge_tests::sdk_config())
 }
 
 #[tokio::test]

@@ -96,22 +96,27 @@ pub fn emulator() -> &'static Emulator {
     MOTO.get_or_init(start_moto)
 }
 
-/// A real `aws-sdk-dynamodb` client pointed at the emulator, with static test credentials.
-pub async fn dynamodb_client() -> Client {
-    let endpoint = &emulator().endpoint;
-    let conf = aws_sdk_dynamodb::Config::builder()
-        .behavior_version(aws_sdk_dynamodb::config::BehaviorVersion::latest())
-        .region(aws_sdk_dynamodb::config::Region::new("us-east-1"))
-        .endpoint_url(endpoint)
-        .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
+/// The AWS SDK configuration for the emulator: its endpoint, `us-east-1`, static test
+/// credentials. Every SDK client in the tests is built from it.
+pub fn sdk_config() -> aws_config::SdkConfig {
+    use aws_sdk_dynamodb::config::{Credentials, SharedCredentialsProvider};
+    aws_config::SdkConfig::builder()
+        .behavior_version(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .endpoint_url(&emulator().endpoint)
+        .credentials_provider(SharedCredentialsProvider::new(Credentials::new(
             "testing",
             "testing",
             None,
             None,
             "kitebridge-tests",
-        ))
-        .build();
-    Client::from_conf(conf)
+        )))
+        .build()
+}
+
+/// A real `aws-sdk-dynamodb` client pointed at the emulator.
+pub async fn dynamodb_client() -> Client {
+    Client::new(&sdk_config())
 }
 
 /// A fresh table, created as the SAM template creates it.
