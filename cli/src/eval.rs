@@ -225,29 +225,13 @@ fn malformed(line_no: usize, message: &str, out: &mut impl Write) -> Result<(), 
     )
 }
 
-fn eval_batch(mut input: Box<dyn BufRead>, out: &mut impl Write) -> Result<u8, Usage> {
-    let mut code = EXIT_OK;
-    let mut line = String::new();
-    let mut line_no = 0;
-    loop {
-        line.clear();
-        let n = input
-            .read_line(&mut line)
-            .map_err(|e| Usage(format!("cannot read the batch: {e}")))?;
-        if n == 0 {
-            break;
-        }
-        line_no += 1;
-        let text = line.trim();
-        if text.is_empty() {
-            continue;
-        }
+fn eval_batch(input: Box<dyn BufRead>, out: &mut impl Write) -> Result<u8, Usage> {
+    each_case(input, |line_no, text| {
         let case: EvalCase<'_> = match serde_json::from_str(text) {
             Ok(c) => c,
             Err(e) => {
                 malformed(line_no, &format!("not a case: {e}"), out)?;
-                code = EXIT_ERROR;
-                continue;
+                return Ok(false);
             }
         };
         let validate = match case.api.as_deref() {
@@ -259,8 +243,7 @@ fn eval_batch(mut input: Box<dyn BufRead>, out: &mut impl Write) -> Result<u8, U
                     &format!("`api` is {other:?}; expected \"evaluate\" or \"validate\""),
                     out,
                 )?;
-                code = EXIT_ERROR;
-                continue;
+                return Ok(false);
             }
         };
         let entry = case
@@ -274,7 +257,30 @@ fn eval_batch(mut input: Box<dyn BufRead>, out: &mut impl Write) -> Result<u8, U
             project_env: case.project_env,
             context_only: case.context_only,
         };
-        if !eval_one(&case.input, entry, validate, &ctx, out)? {
+        eval_one(&case.input, entry, validate, &ctx, out)
+    })
+}
+
+/// Runs `case` on each non-blank line of a batch, numbered from 1, in order. The exit code is
+/// [`EXIT_ERROR`] when any case answered with an error (`false`), else [`EXIT_OK`].
+fn each_case(
+    mut input: Box<dyn BufRead>,
+    mut case: impl FnMut(usize, &str) -> Result<bool, Usage>,
+) -> Result<u8, Usage> {
+    let mut code = EXIT_OK;
+    let mut line = String::new();
+    let mut line_no = 0;
+    loop {
+        line.clear();
+        let n = input
+            .read_line(&mut line)
+            .map_err(|e| Usage(format!("cannot read the batch: {e}")))?;
+        if n == 0 {
+            break;
+        }
+        line_no += 1;
+        let text = line.trim();
+        if !text.is_empty() && !case(line_no, text)? {
             code = EXIT_ERROR;
         }
     }
@@ -371,24 +377,8 @@ pub fn interpolate(args: InterpolateArgs) -> Result<u8, Usage> {
                     "--env does not apply to --batch (each line carries its own)".into(),
                 ));
             }
-            let mut input = open_batch(batch)?;
-            let mut code = EXIT_OK;
-            let mut line = String::new();
-            let mut line_no = 0;
-            loop {
-                line.clear();
-                let n = input
-                    .read_line(&mut line)
-                    .map_err(|e| Usage(format!("cannot read the batch: {e}")))?;
-                if n == 0 {
-                    break;
-                }
-                line_no += 1;
-                let text = line.trim();
-                if text.is_empty() {
-                    continue;
-                }
-                let ok = match serde_json::from_str::<InterpolateCase<'_>>(text) {
+            each_case(open_batch(batch)?, |line_no, text| {
+                Ok(match serde_json::from_str::<InterpolateCase<'_>>(text) {
                     Ok(case) => match &case.env {
                         Some(env) => interpolate_one(&case.input, env, &mut out)?,
                         None => interpolate_one(&case.input, &NoEnv, &mut out)?,
@@ -404,12 +394,8 @@ pub fn interpolate(args: InterpolateArgs) -> Result<u8, Usage> {
                         )?;
                         false
                     }
-                };
-                if !ok {
-                    code = EXIT_ERROR;
-                }
-            }
-            code
+                })
+            })?
         }
         (None, Some(template)) => {
             let env = string_map(args.env.as_ref())?;
