@@ -95,14 +95,44 @@ fn write_line(out: &mut impl Write, answer: &impl Serialize) -> Result<(), Usage
 
 // ---- eval -------------------------------------------------------------------------------------
 
+#[derive(clap::Args)]
 pub struct EvalArgs {
+    /// The condition, e.g. `build.branch =~ /^release-/`.
     pub expr: Option<String>,
+    /// Where the condition is used: build_condition, build_condition_with_step,
+    /// build_notification or step_notification.
+    #[arg(long, default_value = "build_condition", value_parser = parse_entry_point)]
     pub entry_point: EntryPoint,
+    /// Parse and check only; do not evaluate.
+    #[arg(long)]
     pub validate: bool,
+    /// JSON object of variables by dotted name, e.g. {"build.branch": "main"}.
+    #[arg(long, value_name = "FILE")]
     pub vars: Option<PathBuf>,
+    /// JSON object read by `build.env("X")` and `env("X")` (the build's env).
+    #[arg(long, value_name = "FILE")]
     pub build_env: Option<PathBuf>,
+    /// JSON object of the pipeline's env (the build's wins over it).
+    #[arg(long, value_name = "FILE")]
     pub project_env: Option<PathBuf>,
+    /// Many cases, one JSON object a line (`input`, `api`, `entry_point`, `variables`,
+    /// `build_env`, `project_env`, `context_only`); `-` for stdin. One result line each.
+    #[arg(long, value_name = "FILE")]
     pub batch: Option<PathBuf>,
+}
+
+fn parse_entry_point(s: &str) -> Result<EntryPoint, String> {
+    match s {
+        "build_condition"
+        | "build_condition_with_step"
+        | "build_notification"
+        | "step_notification" => s
+            .parse()
+            .map_err(|e: kitebridge::cond::CondError| e.message),
+        other => Err(format!(
+            "unknown entry point {other:?} (build_condition, build_condition_with_step, build_notification, step_notification)"
+        )),
+    }
 }
 
 /// One condition: validate or evaluate, and the line to print. `true` when it gave a value.
@@ -289,9 +319,16 @@ fn each_case(
 
 // ---- interpolate ------------------------------------------------------------------------------
 
+#[derive(clap::Args)]
 pub struct InterpolateArgs {
+    /// The template, e.g. 'Deploy ${BUILDKITE_COMMIT:0:7}'.
     pub template: Option<String>,
+    /// JSON object of variables (none when absent).
+    #[arg(long, value_name = "FILE")]
     pub env: Option<PathBuf>,
+    /// Many cases, one JSON object a line (`input`, `env`; `env` null means no variables);
+    /// `-` for stdin.
+    #[arg(long, value_name = "FILE")]
     pub batch: Option<PathBuf>,
 }
 

@@ -4,7 +4,6 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use kitebridge::cond::EntryPoint;
 use kitebridge::config::Role;
 
 mod eval;
@@ -58,58 +57,11 @@ enum Command {
     /// exactly as Buildkite would. Prints one JSON line: {"value": ...}, {"valid": true} or
     /// {"error": {"kind", "message", "position"}}. Exit 0 with a value, 1 with an error in the
     /// expression, 2 for bad usage.
-    Eval {
-        /// The condition, e.g. `build.branch =~ /^release-/`.
-        expr: Option<String>,
-        /// Where the condition is used: build_condition, build_condition_with_step,
-        /// build_notification or step_notification.
-        #[arg(long, default_value = "build_condition", value_parser = parse_entry_point)]
-        entry_point: EntryPoint,
-        /// Parse and check only; do not evaluate.
-        #[arg(long)]
-        validate: bool,
-        /// JSON object of variables by dotted name, e.g. {"build.branch": "main"}.
-        #[arg(long, value_name = "FILE")]
-        vars: Option<std::path::PathBuf>,
-        /// JSON object read by `build.env("X")` and `env("X")` (the build's env).
-        #[arg(long, value_name = "FILE")]
-        build_env: Option<std::path::PathBuf>,
-        /// JSON object of the pipeline's env (the build's wins over it).
-        #[arg(long, value_name = "FILE")]
-        project_env: Option<std::path::PathBuf>,
-        /// Many cases, one JSON object a line (`input`, `api`, `entry_point`, `variables`,
-        /// `build_env`, `project_env`, `context_only`); `-` for stdin. One result line each.
-        #[arg(long, value_name = "FILE")]
-        batch: Option<std::path::PathBuf>,
-    },
+    Eval(eval::EvalArgs),
     /// Expand a `${VAR}` template exactly as `buildkite-agent pipeline upload` does. Prints
     /// {"value": "..."} or {"error": {"message": ...}}. Exit 0, 1 on a template error, 2 for bad
     /// usage.
-    Interpolate {
-        /// The template, e.g. 'Deploy ${BUILDKITE_COMMIT:0:7}'.
-        template: Option<String>,
-        /// JSON object of variables (none when absent).
-        #[arg(long, value_name = "FILE")]
-        env: Option<std::path::PathBuf>,
-        /// Many cases, one JSON object a line (`input`, `env`; `env` null means no variables);
-        /// `-` for stdin.
-        #[arg(long, value_name = "FILE")]
-        batch: Option<std::path::PathBuf>,
-    },
-}
-
-fn parse_entry_point(s: &str) -> Result<EntryPoint, String> {
-    match s {
-        "build_condition"
-        | "build_condition_with_step"
-        | "build_notification"
-        | "step_notification" => s
-            .parse()
-            .map_err(|e: kitebridge::cond::CondError| e.message),
-        other => Err(format!(
-            "unknown entry point {other:?} (build_condition, build_condition_with_step, build_notification, step_notification)"
-        )),
-    }
+    Interpolate(eval::InterpolateArgs),
 }
 
 #[derive(Subcommand)]
@@ -129,41 +81,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The local tools need no runtime: answer them before starting one.
     let cli = match cli.command {
-        Command::Eval {
-            expr,
-            entry_point,
-            validate,
-            vars,
-            build_env,
-            project_env,
-            batch,
-        } => {
-            return eval::finish(
-                "eval",
-                eval::eval(eval::EvalArgs {
-                    expr,
-                    entry_point,
-                    validate,
-                    vars,
-                    build_env,
-                    project_env,
-                    batch,
-                }),
-            );
-        }
-        Command::Interpolate {
-            template,
-            env,
-            batch,
-        } => {
-            return eval::finish(
-                "interpolate",
-                eval::interpolate(eval::InterpolateArgs {
-                    template,
-                    env,
-                    batch,
-                }),
-            );
+        Command::Eval(args) => return eval::finish("eval", eval::eval(args)),
+        Command::Interpolate(args) => {
+            return eval::finish("interpolate", eval::interpolate(args));
         }
         Command::Rules {
             command: RulesCommand::Check { rules, event },
