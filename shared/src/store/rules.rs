@@ -118,22 +118,7 @@ impl RuleStore for Store {
     }
 
     async fn rules(&self) -> Result<Vec<StoredRule>> {
-        let mut out = Vec::new();
-        let mut after: Option<String> = None;
-        loop {
-            let items = self
-                .kv()
-                .query(RULE_PK, "", after.as_deref(), PAGE, Order::Ascending)
-                .await?;
-            let full = items.len() == PAGE;
-            after = items.last().map(|i| i.sk.clone());
-            for item in &items {
-                out.push(decode::<StoredRule>(item)?.value);
-            }
-            if !full {
-                return Ok(out);
-            }
-        }
+        whole_partition(self, RULE_PK).await
     }
 
     async fn delete_rule(&self, name: &str) -> Result<bool> {
@@ -255,27 +240,32 @@ impl PendingFiringStore for Store {
     async fn due_pending(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<PendingFiring>> {
         // The partition holds only firings not yet delivered: a handful unless Buildkite has been
         // down for long, so reading it whole is cheap.
-        let mut due = Vec::new();
-        let mut after: Option<String> = None;
-        loop {
-            let items = self
-                .kv()
-                .query(PENDING_PK, "", after.as_deref(), PAGE, Order::Ascending)
-                .await?;
-            let full = items.len() == PAGE;
-            after = items.last().map(|i| i.sk.clone());
-            for item in &items {
-                let p = decode::<PendingFiring>(item)?.value;
-                if p.next_attempt_at <= now {
-                    due.push(p);
-                }
-            }
-            if !full {
-                break;
-            }
-        }
+        let mut due: Vec<PendingFiring> = whole_partition(self, PENDING_PK).await?;
+        due.retain(|p| p.next_attempt_at <= now);
         due.sort_by_key(|p| p.next_attempt_at);
         due.truncate(limit);
         Ok(due)
+    }
+}
+
+/// Every record of a small partition, decoded, in key order, a page at a time.
+async fn whole_partition<T: serde::de::DeserializeOwned>(
+    store: &Store,
+    pk: &str,
+) -> Result<Vec<T>> {
+    let mut out = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let items = store
+            .kv()
+            .query(pk, "", after.as_deref(), PAGE, Order::Ascending)
+            .await?;
+        for item in &items {
+            out.push(decode::<T>(item)?.value);
+        }
+        if items.len() < PAGE {
+            return Ok(out);
+        }
+        after = items.last().map(|i| i.sk.clone());
     }
 }
