@@ -17,13 +17,15 @@ use crate::store::{DynamoKv, SqliteKv, Store};
 /// Lambda start-up: configuration from the environment (secrets overlaid from AWS Secrets
 /// Manager when `KITEBRIDGE_SECRETS_ARN` is set), JSON logs, the DynamoDB store.
 pub async fn lambda(role: Role) -> Result<AppState, Error> {
-    let config = Config::from_env_and_secrets_manager().await?;
+    // One SDK configuration (region, credentials chain, endpoints) for every AWS client.
+    let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let config = Config::from_env_and_secrets_manager(&sdk).await?;
     crate::telemetry::init(&config.monitor);
     config.require(role)?;
     let table = config.store.table.clone().ok_or_else(|| {
         Error::Startup("KITEBRIDGE_TABLE: required (the DynamoDB table's name)".into())
     })?;
-    let store = Store::new(DynamoKv::from_env(table).await);
+    let store = Store::new(DynamoKv::from_sdk_config(&sdk, table));
     app_state(config, store)
 }
 

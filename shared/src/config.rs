@@ -205,8 +205,11 @@ impl Config {
     }
 
     /// Reads the process environment, with the secret variables overlaid from the AWS Secrets
-    /// Manager secret named by `KITEBRIDGE_SECRETS_ARN`, if set. Call once, at cold start.
-    pub async fn from_env_and_secrets_manager() -> Result<Config, crate::Error> {
+    /// Manager secret named by `KITEBRIDGE_SECRETS_ARN`, if set, read with the SDK
+    /// configuration `sdk`. Call once, at cold start.
+    pub async fn from_env_and_secrets_manager(
+        sdk: &aws_config::SdkConfig,
+    ) -> Result<Config, crate::Error> {
         let vars: HashMap<String, String> = std::env::vars().collect();
         if vars
             .get(SECRETS_ARN_VARIABLE)
@@ -214,8 +217,7 @@ impl Config {
         {
             return Ok(Config::from_lookup(|name| vars.get(name).cloned())?);
         }
-        let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-        Config::from_vars_and_secret(vars, &aws_sdk_secretsmanager::Client::new(&sdk)).await
+        Config::from_vars_and_secret(vars, &aws_sdk_secretsmanager::Client::new(sdk)).await
     }
 
     /// `vars`, with the secret variables overlaid from the Secrets Manager secret named by

@@ -38,11 +38,11 @@ impl DynamoKv {
         }
     }
 
-    /// A client from the standard AWS configuration chain (the function's role on Lambda;
-    /// `AWS_ENDPOINT_URL_DYNAMODB` is honoured, for local emulators).
-    pub async fn from_env(table: impl Into<String>) -> DynamoKv {
-        let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-        DynamoKv::new(Client::new(&sdk), table)
+    /// A client from an SDK configuration (the standard AWS configuration chain on Lambda: the
+    /// function's role; `AWS_ENDPOINT_URL_DYNAMODB` or `AWS_ENDPOINT_URL` is honoured, for local
+    /// emulators).
+    pub fn from_sdk_config(sdk: &aws_config::SdkConfig, table: impl Into<String>) -> DynamoKv {
+        DynamoKv::new(Client::new(sdk), table)
     }
 
     pub fn table(&self) -> &str {
