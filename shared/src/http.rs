@@ -53,6 +53,20 @@ pub fn error_response(status: StatusCode, error: &str, message: impl Into<String
         .into_response()
 }
 
+/// [`error_response`] about one input, named in `field` (a JSON field or a header).
+pub fn field_error_response(
+    status: StatusCode,
+    error: &str,
+    field: &str,
+    message: impl Into<String>,
+) -> Response {
+    (
+        status,
+        Json(json!({"error": error, "message": message.into(), "field": field})),
+    )
+        .into_response()
+}
+
 /// `GET /healthz`: 200 when the store answers, 503 when it does not; with the time of this
 /// process's last successful poll cycle (null before the first, or where no poller runs).
 async fn healthz(State(state): State<AppState>) -> Response {

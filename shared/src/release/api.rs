@@ -110,11 +110,10 @@ pub fn authorize(state: &AppState, headers: &axum::http::HeaderMap) -> Result<()
     if ok {
         return Ok(());
     }
-    let mut resp = error_json(
+    let mut resp = crate::http::error_response(
         StatusCode::UNAUTHORIZED,
         "unauthorized",
         "send `Authorization: Bearer <token>` with the API token (KITEBRIDGE_API_TOKEN)",
-        None,
     );
     resp.headers_mut()
         .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -131,14 +130,6 @@ fn token_matches(presented: &str, expected: &str) -> bool {
 
 // ---------------------------------------------------------------------------------------------
 // Answers
-
-fn error_json(status: StatusCode, error: &str, message: &str, field: Option<&str>) -> Response {
-    let mut body = json!({"error": error, "message": message});
-    if let Some(f) = field {
-        body["field"] = Value::String(f.to_string());
-    }
-    (status, axum::Json(body)).into_response()
-}
 
 /// An answer as status and JSON body (what idempotency stores and replays).
 type Answer = (StatusCode, Value);
@@ -205,11 +196,11 @@ async fn idempotent(
             k
         }
         _ => {
-            return error_json(
+            return crate::http::field_error_response(
                 StatusCode::BAD_REQUEST,
                 "invalid_request",
+                "Idempotency-Key",
                 "Idempotency-Key: must be 1 to 255 visible ASCII characters",
-                Some("Idempotency-Key"),
             );
         }
     };
@@ -233,19 +224,18 @@ async fn idempotent(
             return resp;
         }
         Ok(IdempotencyBegin::InFlight) => {
-            return error_json(
+            return crate::http::error_response(
                 StatusCode::CONFLICT,
                 "idempotency_in_flight",
                 "a request with this Idempotency-Key is still being processed; retry shortly",
-                None,
             );
         }
         Ok(IdempotencyBegin::Mismatch) => {
-            return error_json(
+            return crate::http::field_error_response(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "idempotency_key_reused",
+                "Idempotency-Key",
                 "this Idempotency-Key was used with a different request",
-                Some("Idempotency-Key"),
             );
         }
         Err(e) => return respond(error_answer(&ReleaseError::from(e))),
