@@ -52,6 +52,17 @@ pub enum Fault {
     Hang,
     /// Close the connection without sending a response.
     DropConnection,
+    /// Act on the request as usual, then close the connection instead of sending the answer:
+    /// the change is made but the client never learns it (a lost answer).
+    LoseAnswer,
+    /// Hold the request for this long without answering (longer than the client's timeout, so
+    /// it gives up), then act on it: the change lands after the client stopped waiting, and
+    /// possibly after a later request of the same client (a post that timed out but was
+    /// applied later).
+    ApplyLate {
+        /// How long the request is held before it is acted on.
+        delay: Duration,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -173,6 +184,32 @@ async fn harness_layer(State(h): State<Arc<Harness>>, req: Request, next: Next) 
             return dropped_connection();
         }
         Some(Fault::DropConnection) => return dropped_connection(),
+        Some(Fault::LoseAnswer) => {
+            let answer = next.run(req).await;
+            if let Some(r) = lock(&h.log).get_mut(index) {
+                r.status = Some(answer.status().as_u16());
+            }
+            return dropped_connection();
+        }
+        Some(Fault::ApplyLate { delay }) => {
+            // The body is read now, while the client is still connected; the work is detached
+            // from the connection so it lands after `delay` even though the client hung up.
+            let (parts, body) = req.into_parts();
+            let Ok(bytes) = axum::body::to_bytes(body, 16 << 20).await else {
+                return dropped_connection();
+            };
+            let req = Request::from_parts(parts, Body::from(bytes));
+            let h2 = h.clone();
+            let work = tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let answer = next.run(req).await;
+                if let Some(r) = lock(&h2.log).get_mut(index) {
+                    r.status = Some(answer.status().as_u16());
+                }
+            });
+            let _ = work.await;
+            return dropped_connection();
+        }
     };
     if let Some(r) = lock(&h.log).get_mut(index) {
         r.status = Some(response.status().as_u16());
