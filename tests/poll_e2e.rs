@@ -199,6 +199,40 @@ async fn later_states_are_reported_by_later_cycles_and_never_regress() {
     );
 }
 
+/// A job retried in a build that had finished, after the cursor moved past it: the
+/// `finished_from` listing finds it finishing again, and its new end replaces the old one, red
+/// to green and green to red.
+#[tokio::test]
+async fn a_build_that_finished_again_is_reported_again() {
+    let w = world(data_center()).await;
+    let old = Utc::now() - chrono::Duration::minutes(10);
+    let b = w.bk.add_build(
+        Build::new(ORG, "web", sha(1), "main")
+            .with_state(BuildState::Failed)
+            .with_created_at(old),
+    );
+    let p = poller(&w);
+    p.cycle().await.unwrap();
+    assert_eq!(state_on(&w, &sha(1), "web").as_deref(), Some("FAILED"));
+
+    for (state, word) in [
+        (BuildState::Passed, "SUCCESSFUL"),
+        (BuildState::Failed, "FAILED"),
+    ] {
+        // Retried: runs again, then ends again (a newer `finished_at`) before the next cycle.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        w.bk.set_build_state(ORG, "web", b.number, BuildState::Running);
+        w.bk.set_build_state(ORG, "web", b.number, state);
+        let summary = p.cycle().await.unwrap();
+        assert_eq!(summary.reported.posted, 1, "{summary:?}");
+        assert_eq!(state_on(&w, &sha(1), "web").as_deref(), Some(word));
+    }
+    // An idle cycle after that posts nothing.
+    let summary = p.cycle().await.unwrap();
+    assert_eq!(summary.reported.posted, 0, "{summary:?}");
+    assert_eq!(w.bb.history(&sha(1), &key("web")).len(), 3);
+}
+
 #[tokio::test]
 async fn bitbucket_outage_loses_nothing() {
     let w = world(data_center()).await;
@@ -209,28 +243,39 @@ async fn bitbucket_outage_loses_nothing() {
     for n in 1..=20 {
         w.bk.add_build(Build::new(ORG, "web", sha(n), "main").with_state(BuildState::Passed));
     }
-    // Bitbucket fails every request for a while: 5xx, then dropped connections.
+    // Bitbucket fails every request for a while: 5xx, then dropped connections. The cycle
+    // fails (no heartbeat, the alarm sees it), and the outbox keeps the work.
     w.bb.inject_fault_for(Fault::Status(503), Duration::from_secs(3600));
-    let summary = p
-        .cycle()
-        .await
-        .expect("a Bitbucket outage does not fail the cycle: the outbox keeps the work");
-    assert_eq!(summary.reported.deferred, 20);
+    let error = p.cycle().await.expect_err("an outage is a failed cycle");
+    assert!(
+        error.to_string().contains("20 statuses were not delivered"),
+        "{error}"
+    );
     assert!(w.bb.posts().is_empty());
     assert_eq!(pending(&store).await, 20);
+    // Backoff belongs to Bitbucket, not to each status: the first wave (posted in parallel
+    // before any answer came back) and a few probes, not retries of each of the 20.
+    let tried = w.bb.requests().len();
+    assert!(
+        tried <= 20 + 4,
+        "{tried} requests to a Bitbucket that is down"
+    );
 
     w.bb.clear_faults();
     w.bb.inject_fault_for(Fault::DropConnection, Duration::from_secs(3600));
-    make_all_due(&store).await;
-    let summary = p.cycle().await.unwrap();
-    assert_eq!(summary.retried.deferred, 20);
+    wait_for_probe(&p).await;
+    assert!(p.cycle().await.is_err());
     assert_eq!(pending(&store).await, 20);
 
-    // Recovered: when their retry time comes, the outbox delivers every one of them.
+    // Recovered: the next cycle delivers everything held, at once.
     w.bb.clear_faults();
-    make_all_due(&store).await;
+    wait_for_probe(&p).await;
     let summary = p.cycle().await.unwrap();
-    assert_eq!(summary.retried.posted, 20);
+    assert_eq!(
+        summary.retried.posted + summary.reported.posted,
+        20,
+        "{summary:?}"
+    );
     assert_eq!(pending(&store).await, 0);
     for n in 1..=20 {
         assert_eq!(
@@ -240,6 +285,14 @@ async fn bitbucket_outage_loses_nothing() {
         );
     }
     assert_eq!(w.bb.posts().len(), 20);
+}
+
+/// Lets the time pass until the pacer probes Bitbucket again (cycles are a minute apart in
+/// production; here they run back to back).
+async fn wait_for_probe(p: &Poller) {
+    if let Some(s) = p.reporter.pacer().snapshot().down_for_s {
+        tokio::time::sleep(Duration::from_secs_f64(s + 0.05)).await;
+    }
 }
 
 fn poller_on(w: &World, store: Store) -> Poller {
@@ -253,28 +306,6 @@ async fn pending(store: &Store) -> usize {
         .await
         .unwrap()
         .len()
-}
-
-/// Brings every outbox entry's retry time to now, as the passing of time would.
-async fn make_all_due(store: &Store) {
-    use kitebridge::store::StatusLedger;
-    let entries = store
-        .due(Utc::now() + chrono::Duration::days(1), 10_000)
-        .await
-        .unwrap();
-    for p in entries {
-        let error = p.last_error.unwrap_or_default();
-        store
-            .defer(
-                &p.status.commit,
-                &p.status.key,
-                p.status.version,
-                Utc::now(),
-                &error,
-            )
-            .await
-            .unwrap();
-    }
 }
 
 #[tokio::test]

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{TimeZone, Utc};
+use kitebridge::bitbucket::request::{BitbucketState, StatusRequest};
 use kitebridge::release::model::*;
+use kitebridge::status::StatusVersion;
 use kitebridge::store::*;
 use serde_json::json;
 
@@ -301,9 +303,15 @@ fn status(commit: &str, key: &str, version: u64, state: &str) -> StatusRecord {
     StatusRecord {
         commit: commit.into(),
         key: key.into(),
-        version,
+        version: StatusVersion::from_legacy(version),
         state: state.into(),
-        payload: json!({"state": state, "v": version}),
+        payload: StatusRequest {
+            method: "POST".into(),
+            path: format!("/rest/build-status/1.0/commits/{commit}"),
+            body: json!({"state": state, "key": key, "v": version}),
+            state: serde_json::from_value(json!(state)).unwrap_or(BitbucketState::Inprogress),
+        },
+        source: None,
     }
 }
 
@@ -396,7 +404,7 @@ async fn ledger_outbox_holds_what_is_not_delivered(kv: Kv) {
     // A failed delivery is rescheduled, with the error kept.
     let later = Utc::now() + chrono::Duration::minutes(5);
     store
-        .defer(SHA, "acme/web", s.version, later, "HTTP 503")
+        .defer(SHA, "acme/web", s.version, later, "HTTP 503", false)
         .await
         .unwrap();
     assert!(store.due(Utc::now(), 10).await.unwrap().is_empty());
@@ -519,7 +527,7 @@ async fn ledger_race_keeps_the_newest(kv: Kv) {
         t.await.unwrap();
     }
     let r = store.reported(SHA, "acme/web").await.unwrap().unwrap();
-    assert_eq!(r.version, (9 << 8) | 7);
+    assert_eq!(r.version, StatusVersion::from_legacy((9 << 8) | 7));
     assert_eq!(r.state, "S7");
     assert!(
         store

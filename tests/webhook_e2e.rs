@@ -728,19 +728,40 @@ async fn bitbucket_down_keeps_the_status_in_the_outbox_then_drain_delivers_it() 
         .find(|p| p.status.commit == build.commit)
         .expect("the status is in the outbox");
     assert_eq!(entry.status.state, "SUCCESSFUL");
+    // Not hammered: one post and one probe, then the destination backs off (for every
+    // status, not this one alone).
+    let posts = env
+        .bb
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.contains(&build.commit))
+        .count();
     assert!(
-        entry.next_attempt_at > Utc::now(),
-        "retried later, not hammered"
+        posts <= 2,
+        "{posts} posts of one status to a Bitbucket that is down"
     );
+    let reporter = env.state.webhook_reporter.clone().expect("reporter");
+    assert!(reporter.pacer().snapshot().down_for_s.is_some());
     assert!(entry.last_error.as_deref().unwrap_or("").contains("502"));
     env.bb.clear_faults();
+    // Back: once the backoff allows a probe, the drain delivers it.
+    if let Some(s) = reporter.pacer().snapshot().down_for_s {
+        tokio::time::sleep(Duration::from_secs_f64(s + 0.05)).await;
+    }
+    let tally = reporter.drain(Utc::now(), 100).await.unwrap();
+    assert_eq!(tally.posted, 1, "{tally:?}");
+    assert_eq!(
+        env.bb.status(&build.commit, KEY).expect("delivered").state,
+        "SUCCESSFUL"
+    );
 
-    // Rate limited for a second: 202; once the wait is over, the drain delivers it.
+    // Rate limited for longer than a webhook waits: 202; once the wait is over, the drain
+    // delivers it.
     env.bb.inject_fault(
         Fault::RateLimited {
-            retry_after_secs: 1,
+            retry_after_secs: 3,
         },
-        2,
+        1,
     );
     let build2 = env.new_build(BuildState::Failed);
     let (status, answer) = send(
@@ -750,9 +771,8 @@ async fn bitbucket_down_keeps_the_status_in_the_outbox_then_drain_delivers_it() 
     .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
     assert!(env.bb.status(&build2.commit, KEY).is_none());
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    let reporter = env.state.webhook_reporter.clone().expect("reporter");
-    let tally = reporter.drain(100).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    let tally = reporter.drain(Utc::now(), 100).await.unwrap();
     assert_eq!(tally.posted, 1, "{tally:?}");
     assert_eq!(
         env.bb.status(&build2.commit, KEY).expect("delivered").state,
@@ -937,6 +957,87 @@ async fn out_of_order_and_duplicates(env: &Env) {
         env.bb.status(&other.commit, KEY).unwrap().state,
         "SUCCESSFUL"
     );
+}
+
+/// A job retried in a finished build: the same build (same number) runs again and ends the
+/// other way. Its status follows Buildkite's latest word in both directions, and a late
+/// delivery of the first run's end never brings it back.
+#[tokio::test]
+async fn a_retried_build_follows_buildkite_both_ways() {
+    let env = Env::start().await;
+    let router = env.router();
+    let build = env.new_build(BuildState::Running);
+    let failed = env.transition(&build, BuildState::Failed, WebhookEvent::BuildFinished);
+    assert_eq!(send(&router, &failed).await.1["status"], "posted");
+    assert_eq!(env.bb.status(&build.commit, KEY).unwrap().state, "FAILED");
+
+    // The flaky job is retried: the build runs again, with its first `started_at` (so the
+    // payload cannot prove it is newer than the end): kitebridge asks Buildkite.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let asked = env.bk.request_count(&format!(
+        "/v2/organizations/{ORG}/pipelines/{PIPELINE}/builds/{}",
+        build.number
+    ));
+    let running = env.transition(&build, BuildState::Running, WebhookEvent::BuildRunning);
+    let (code, answer) = send(&router, &running).await;
+    assert_eq!(
+        (code, answer["status"].as_str()),
+        (StatusCode::OK, Some("posted")),
+        "{answer}"
+    );
+    assert_eq!(
+        env.bb.status(&build.commit, KEY).unwrap().state,
+        "INPROGRESS"
+    );
+    let path = format!(
+        "/v2/organizations/{ORG}/pipelines/{PIPELINE}/builds/{}",
+        build.number
+    );
+    assert_eq!(
+        env.bk.request_count(&path),
+        asked + 1,
+        "asked Buildkite once"
+    );
+    // The same delivery again costs nothing more.
+    assert_eq!(
+        send(&router, &running).await.1["status"],
+        "already_reported"
+    );
+    assert_eq!(env.bk.request_count(&path), asked + 1);
+
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let passed = env.transition(&build, BuildState::Passed, WebhookEvent::BuildFinished);
+    assert_eq!(send(&router, &passed).await.1["status"], "posted");
+    assert_eq!(
+        env.bb.status(&build.commit, KEY).unwrap().state,
+        "SUCCESSFUL"
+    );
+
+    // A late delivery of the first run's end changes nothing.
+    let (code, answer) = send(&router, &failed).await;
+    assert_eq!(code, StatusCode::OK, "{answer}");
+    assert_eq!(answer["status"], "already_reported");
+    assert_eq!(
+        env.bb.status(&build.commit, KEY).unwrap().state,
+        "SUCCESSFUL"
+    );
+
+    // The other way round: re-run to red, reported as soon as it ends.
+    // (its `build.running` is not delivered: only the end is)
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    env.bk
+        .set_build_state(ORG, PIPELINE, build.number, BuildState::Running)
+        .expect("the build exists");
+    let red = env.transition(&build, BuildState::Failed, WebhookEvent::BuildFinished);
+    assert_eq!(send(&router, &red).await.1["status"], "posted");
+    assert_eq!(env.bb.status(&build.commit, KEY).unwrap().state, "FAILED");
+    let states: Vec<String> = env
+        .bb
+        .history(&build.commit, KEY)
+        .into_iter()
+        .map(|s| s.state)
+        .collect();
+    assert_eq!(states, ["FAILED", "INPROGRESS", "SUCCESSFUL", "FAILED"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

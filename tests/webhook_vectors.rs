@@ -255,7 +255,7 @@ fn every_example_payload_maps_to_the_expected_state() {
         assert_eq!(s.logical, *logical, "{file}");
         assert_eq!(s.key, "acme-inc/web-app", "{file}");
         assert_eq!(s.name, format!("Web App #{}", p.build.number), "{file}");
-        assert_eq!(s.version >> 8, p.build.number, "{file}");
+        assert_eq!(s.version.build, p.build.number, "{file}");
         assert_eq!(s.url, p.build.web_url.clone().unwrap_or_default(), "{file}");
         assert!(!s.description.contains('\n'), "{file}: {}", s.description);
         if *logical == LogicalState::Blocked {

@@ -94,19 +94,45 @@ pub fn app_state(config: Config, store: Store) -> Result<AppState, Error> {
     let http = crate::net::client(config.http_timeout)?;
     let bitbucket = BitbucketClient::new(http.clone(), &config.bitbucket);
     let ledger = Arc::new(store.clone());
-    let poll_reporter = bitbucket
-        .as_ref()
-        .map(|b| Reporter::new(ledger.clone(), Arc::new(b.clone()), config.post_concurrency));
-    // A webhook answers quickly: one quick retry, then the outbox (drained by the next poll).
-    let webhook_reporter = bitbucket.as_ref().map(|b| {
-        let quick = b.with_policy(RetryPolicy {
-            attempts: 2,
-            base: Duration::from_millis(100),
-            cap: Duration::from_millis(500),
-            max_server_wait: Duration::from_secs(1),
-        });
-        Reporter::new(ledger.clone(), Arc::new(quick), config.post_concurrency)
+    // One pacer for the one Bitbucket: webhooks and poll cycles share its turns.
+    let pacer = Arc::new(crate::bitbucket::pacer::Pacer::new(
+        config.delivery.rate_limit,
+    ));
+    // A possible re-run is confirmed with Buildkite, when there is a token to ask with.
+    let recheck: Option<Arc<dyn crate::report::Recheck>> =
+        match (&bitbucket, &config.buildkite.token) {
+            (Some(b), Some(token)) => Some(Arc::new(crate::report::BuildkiteRecheck {
+                buildkite: crate::buildkite::client::BuildkiteClient::new(
+                    http.clone(),
+                    config.buildkite.api_url.clone(),
+                    token.clone(),
+                )
+                .with_retry_policy(RetryPolicy {
+                    attempts: 2,
+                    base: Duration::from_millis(100),
+                    cap: Duration::from_millis(500),
+                    max_server_wait: Duration::from_secs(2),
+                }),
+                bitbucket: b.clone(),
+            })),
+            _ => None,
+        };
+    let poll_reporter = bitbucket.as_ref().map(|b| {
+        let r = Reporter::new(
+            ledger.clone(),
+            Arc::new(b.clone()),
+            pacer.clone(),
+            config.post_concurrency,
+        )
+        .with_give_up_after(config.delivery.give_up_after);
+        match &recheck {
+            Some(rc) => r.with_recheck(rc.clone()),
+            None => r,
+        }
     });
+    // A webhook's status goes ahead of the backlog, and is left to the outbox rather than
+    // keep Buildkite waiting.
+    let webhook_reporter = poll_reporter.as_ref().map(Reporter::live);
     // Release tracking and trigger rules register here.
     let observers: Vec<Arc<dyn BuildObserver>> = vec![
         Arc::new(crate::release::tracker::ReleaseTracker::new(

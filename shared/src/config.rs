@@ -167,6 +167,21 @@ pub struct Config {
     /// Trigger rules given inline (`KITEBRIDGE_RULES`, JSON) and from a file (`KITEBRIDGE_RULES_FILE`).
     pub rules_json: Option<String>,
     pub rules_file: Option<PathBuf>,
+    /// How statuses reach Bitbucket: pace, health, when to give up.
+    pub delivery: DeliveryConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct DeliveryConfig {
+    /// Posts per second Bitbucket allows this user (`BITBUCKET_RATE_LIMIT`); without it the
+    /// pacer learns the limit from 429 answers.
+    pub rate_limit: Option<f64>,
+    /// `/healthz` fails while a status has waited undelivered longer than this
+    /// (`KITEBRIDGE_HEALTH_MAX_UNDELIVERED`, minutes).
+    pub max_undelivered_age: Duration,
+    /// A status Bitbucket keeps refusing (401, 403, 404, 400...) leaves the outbox after this
+    /// (`KITEBRIDGE_OUTBOX_GIVE_UP`, hours).
+    pub give_up_after: Duration,
 }
 
 /// How the releases API authenticates callers.
@@ -339,6 +354,26 @@ impl Config {
             db: p.string("KITEBRIDGE_DB").map(PathBuf::from),
         };
 
+        let rate_limit =
+            p.string("BITBUCKET_RATE_LIMIT")
+                .and_then(|v| match v.trim().parse::<f64>() {
+                    Ok(r) if r.is_finite() && r > 0.0 && r <= 100_000.0 => Some(r),
+                    _ => {
+                        let problem =
+                            format!("expected requests per second (a number above 0), got `{v}`");
+                        p.error("BITBUCKET_RATE_LIMIT", problem);
+                        None
+                    }
+                });
+        let delivery = DeliveryConfig {
+            rate_limit,
+            max_undelivered_age: Duration::from_secs(
+                60 * p.number("KITEBRIDGE_HEALTH_MAX_UNDELIVERED", 15, 1..=7 * 24 * 60),
+            ),
+            give_up_after: Duration::from_secs(
+                3600 * p.number("KITEBRIDGE_OUTBOX_GIVE_UP", 72, 1..=90 * 24),
+            ),
+        };
         let config = Config {
             buildkite,
             bitbucket,
@@ -354,6 +389,7 @@ impl Config {
             ),
             rules_json: p.string("KITEBRIDGE_RULES"),
             rules_file: p.string("KITEBRIDGE_RULES_FILE").map(PathBuf::from),
+            delivery,
         };
         if p.errors.is_empty() {
             Ok(config)

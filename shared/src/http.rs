@@ -67,29 +67,82 @@ pub fn field_error_response(
         .into_response()
 }
 
-/// `GET /healthz`: 200 when the store answers, 503 when it does not; with the time of this
-/// process's last successful poll cycle (null before the first, or where no poller runs).
+/// `GET /healthz`: 200 when kitebridge does its job, 503 with the reasons when it does not:
+/// the store is unreachable; the poll loop has had no successful cycle for 3 intervals; a status
+/// has waited undelivered longer than `KITEBRIDGE_HEALTH_MAX_UNDELIVERED`. Either way the answer
+/// shows the outbox (depth, the oldest undelivered status's age), the last successful poll and
+/// the pacer.
 async fn healthz(State(state): State<AppState>) -> Response {
-    let last_poll = state
-        .poller
-        .as_ref()
-        .and_then(|p| p.last_success())
-        .map(|t| t.to_rfc3339());
-    match state.store.ping().await {
-        Ok(()) => (
-            StatusCode::OK,
-            Json(json!({"status": "ok", "store": "ok", "last_successful_poll": last_poll})),
-        )
-            .into_response(),
+    use crate::store::StatusLedger;
+    let now = chrono::Utc::now();
+    let mut problems: Vec<String> = Vec::new();
+    let poll = state.poller.as_ref().map(|p| {
+        let last = p.last_success();
+        let interval = state.config.monitor.polling_interval;
+        let limit = chrono::Duration::from_std(interval * 3).unwrap_or(chrono::Duration::MAX);
+        let since = last.unwrap_or(p.started_at);
+        (last, now - since > limit)
+    });
+    if let Some((last, true)) = poll {
+        problems.push(match last {
+            Some(_) => "no successful poll cycle for 3 polling intervals".to_string(),
+            None => "no poll cycle has succeeded since start-up (3 polling intervals)".to_string(),
+        });
+    }
+    let store_ok = match state.store.ping().await {
+        Ok(()) => true,
         Err(e) => {
             tracing::warn!(error = %e, "health check: store unreachable");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({"status": "unavailable", "store": "unreachable", "last_successful_poll": last_poll})),
-            )
-                .into_response()
+            problems.push("the store cannot be reached".to_string());
+            false
         }
+    };
+    let outbox = if store_ok {
+        match state.store.outbox_stats().await {
+            Ok(stats) => Some(stats),
+            Err(e) => {
+                tracing::warn!(error = %e, "health check: outbox unreadable");
+                problems.push("the outbox cannot be read".to_string());
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let oldest_age = outbox
+        .as_ref()
+        .and_then(|o| o.oldest_queued_at)
+        .map(|t| (now - t).num_seconds().max(0));
+    let max_age = state.config.delivery.max_undelivered_age.as_secs() as i64;
+    if let Some(age) = oldest_age.filter(|a| *a > max_age) {
+        problems.push(format!(
+            "a status has waited {age} s undelivered (more than {max_age} s): Bitbucket is \
+             refusing or not answering"
+        ));
     }
+    let pacer = state
+        .webhook_reporter
+        .as_ref()
+        .map(|r| r.pacer().snapshot());
+    let healthy = problems.is_empty();
+    let body = json!({
+        "status": if healthy { "ok" } else { "unavailable" },
+        "problems": problems,
+        "store": if store_ok { "ok" } else { "unreachable" },
+        "last_successful_poll": poll.and_then(|(last, _)| last).map(|t| t.to_rfc3339()),
+        "outbox": outbox.as_ref().map(|o| json!({
+            "depth": o.depth,
+            "oldest_undelivered_age_s": oldest_age,
+            "corrupt": o.corrupt,
+        })),
+        "pacer": pacer,
+    });
+    let code = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(body)).into_response()
 }
 
 async fn not_found() -> Response {

@@ -81,6 +81,13 @@ impl SendError {
         }
     }
 
+    /// The request may have reached the server and may still take effect (it timed out, or
+    /// the connection broke after it was sent).
+    pub fn is_ambiguous(&self) -> bool {
+        matches!(self, SendError::Timeout)
+            || matches!(self, SendError::Connect(m) if !m.contains("refused"))
+    }
+
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             SendError::Status { retry_after, .. } => *retry_after,
@@ -93,9 +100,17 @@ fn is_retryable_status(status: u16) -> bool {
     status == 429 || status == 408 || (500..=599).contains(&status) && status != 501
 }
 
+/// Longest wait a server may ask for; a longer (or absurd) one is taken as this.
+pub const MAX_SERVER_WAIT: Duration = crate::bitbucket::pacer::MAX_SERVER_WAIT;
+
 /// The wait a server asked for: `Retry-After` (seconds or an HTTP date), else Buildkite's
-/// `RateLimit-Reset` / `RateLimit-User-Reset` when a limit is exhausted.
+/// `RateLimit-Reset` / `RateLimit-User-Reset` when a limit is exhausted. Capped at
+/// [`MAX_SERVER_WAIT`], so no header can overflow a clock addition.
 pub fn server_wait(status: StatusCode, headers: &HeaderMap) -> Option<Duration> {
+    asked_wait(status, headers).map(|w| w.min(MAX_SERVER_WAIT))
+}
+
+fn asked_wait(status: StatusCode, headers: &HeaderMap) -> Option<Duration> {
     let header = |name: &str| {
         headers
             .get(name)
@@ -104,7 +119,11 @@ pub fn server_wait(status: StatusCode, headers: &HeaderMap) -> Option<Duration> 
     };
     if let Some(v) = header("retry-after") {
         if let Ok(secs) = v.parse::<u64>() {
-            return Some(Duration::from_secs(secs));
+            return Some(Duration::from_secs(secs.min(MAX_SERVER_WAIT.as_secs())));
+        }
+        if v.bytes().all(|b| b.is_ascii_digit()) && !v.is_empty() {
+            // Too many digits for a u64: absurd, so the cap.
+            return Some(MAX_SERVER_WAIT);
         }
         if let Ok(date) = chrono::DateTime::parse_from_rfc2822(v) {
             let wait = date.with_timezone(&chrono::Utc) - chrono::Utc::now();
@@ -114,7 +133,14 @@ pub fn server_wait(status: StatusCode, headers: &HeaderMap) -> Option<Duration> 
     if status == StatusCode::TOO_MANY_REQUESTS {
         let reset = ["ratelimit-user-reset", "ratelimit-reset"]
             .iter()
-            .filter_map(|h| header(h)?.parse::<u64>().ok())
+            .filter_map(|h| {
+                let v = header(h)?;
+                v.parse::<u64>().ok().or_else(|| {
+                    (!v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                        .then_some(MAX_SERVER_WAIT.as_secs())
+                })
+            })
+            .map(|s| s.min(MAX_SERVER_WAIT.as_secs()))
             .max();
         // Buildkite's advice: wait the reset, plus a little so the window has really turned.
         return reset.map(|s| Duration::from_secs(s) + Duration::from_millis(500));
@@ -260,6 +286,34 @@ mod tests {
         assert_eq!(
             server_wait(StatusCode::TOO_MANY_REQUESTS, &HeaderMap::new()),
             None
+        );
+        // Absurd waits are capped, never overflow.
+        for absurd in [
+            "10000000000000",
+            "99999999999999999999999999",
+            "18446744073709551615",
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert("retry-after", HeaderValue::from_str(absurd).unwrap());
+            assert_eq!(
+                server_wait(StatusCode::TOO_MANY_REQUESTS, &h),
+                Some(MAX_SERVER_WAIT)
+            );
+            let mut h = HeaderMap::new();
+            h.insert("ratelimit-reset", HeaderValue::from_str(absurd).unwrap());
+            assert_eq!(
+                server_wait(StatusCode::TOO_MANY_REQUESTS, &h),
+                Some(MAX_SERVER_WAIT)
+            );
+        }
+        let mut h = HeaderMap::new();
+        h.insert(
+            "retry-after",
+            HeaderValue::from_static("Fri, 31 Dec 9999 23:59:59 GMT"),
+        );
+        assert_eq!(
+            server_wait(StatusCode::SERVICE_UNAVAILABLE, &h),
+            Some(MAX_SERVER_WAIT)
         );
     }
 

@@ -88,6 +88,8 @@ pub struct Poller {
     pub observers: Vec<Arc<dyn BuildObserver>>,
     /// When this process last finished a cycle that succeeded end to end (for `/healthz`).
     pub last_success: Arc<std::sync::Mutex<Option<DateTime<Utc>>>>,
+    /// When this poller was made (for `/healthz` before the first success).
+    pub started_at: DateTime<Utc>,
 }
 
 impl Poller {
@@ -109,6 +111,7 @@ impl Poller {
             dms: config.dms.clone().map(|d| (http, d)),
             observers: Vec::new(),
             last_success: Arc::default(),
+            started_at: Utc::now(),
         })
     }
 
@@ -121,6 +124,7 @@ impl Poller {
     /// outbox could be read; the summary is logged either way.
     pub async fn cycle(&self) -> Result<Summary, PollError> {
         let started = Instant::now();
+        let cycle_start = Utc::now();
         let mut summary = Summary {
             organizations: self.organizations.len(),
             ..Summary::default()
@@ -136,11 +140,20 @@ impl Poller {
                 }
             }
         }
-        match self.reporter.drain(DRAIN_LIMIT).await {
+        match self.reporter.drain(cycle_start, DRAIN_LIMIT).await {
             Ok(t) => summary.retried = t,
             Err(e) => {
                 first_error.get_or_insert(PollError::Store(e));
             }
+        }
+        // Statuses Bitbucket refused or could not be sent: safe in the outbox, but the cycle
+        // did not do its job, and whoever watches it must hear so.
+        let undelivered = summary.reported.deferred + summary.retried.deferred;
+        if undelivered > 0 {
+            first_error.get_or_insert(PollError::Bitbucket(format!(
+                "{undelivered} statuses were not delivered (Bitbucket refused them or could not be \
+                 reached); they are kept and retried"
+            )));
         }
         // Stuck deployments, trigger rules waiting for a retry.
         if let Err(e) = tick_all(&self.observers).await {
@@ -190,7 +203,8 @@ impl Poller {
                     .send_pages::<Build>(org, &created, tx.clone()),
                 self.buildkite.send_pages::<Build>(org, &finished, tx),
             );
-            Ok::<u32, BuildkiteError>(a? + b?)
+            let (a, b) = (a?, b?);
+            Ok::<_, BuildkiteError>((a.pages + b.pages, a.server_date.or(b.server_date)))
         };
         let seen = AtomicU64::new(0);
         let skipped = AtomicU64::new(0);
@@ -227,20 +241,18 @@ impl Poller {
         let (listed, reported) = tokio::join!(listing, reporting);
         summary.builds_seen += seen.load(Ordering::Relaxed);
         summary.skipped += skipped.load(Ordering::Relaxed);
-        let pages = listed.map_err(|source| PollError::Buildkite {
+        let (pages, server_date) = listed.map_err(|source| PollError::Buildkite {
             org: org.to_string(),
             source,
         })?;
         summary.pages += pages;
         let tally = reported?;
-        summary.reported.posted += tally.posted;
-        summary.reported.already_reported += tally.already_reported;
-        summary.reported.superseded += tally.superseded;
-        summary.reported.in_flight += tally.in_flight;
-        summary.reported.deferred += tally.deferred;
+        summary.reported.merge(&tally);
 
-        let to =
-            start - chrono::Duration::from_std(OVERLAP).unwrap_or(chrono::Duration::minutes(2));
+        // Buildkite's clock, not ours: a local clock running fast must not move the cursor
+        // past builds Buildkite has not listed yet.
+        let now = server_date.map_or(start, |d| d.min(start));
+        let to = now - chrono::Duration::from_std(OVERLAP).unwrap_or(chrono::Duration::minutes(2));
         if self
             .cursors
             .advance_cursor(org, cursor.as_ref(), to)

@@ -1,12 +1,17 @@
 //! The one path every commit status takes, from a webhook or a poll: de-duplication, the
-//! never-regress rule, the outbox, bounded parallel posting. This is the only code that posts
-//! statuses or records what was reported.
+//! never-regress rule, the outbox, paced posting. This is the only code that posts statuses or
+//! records what was reported.
 //!
 //! For each status: [`StatusLedger::begin_report`] records it write-ahead (so a crash loses
-//! nothing) and says whether to post; the post goes to the [`StatusSink`]; success is recorded
-//! with [`StatusLedger::delivered`] (which hands back a newer status if one arrived meanwhile,
-//! to be posted after ours); failure leaves it in the outbox with a retry time, and
-//! [`Reporter::drain`] delivers it later.
+//! nothing) and says whether to post; the post waits for its turn from the destination's
+//! [`Pacer`] (rate limits, outages, priority), then goes to the [`StatusSink`]; success is
+//! recorded with [`StatusLedger::delivered`] (which hands back a newer status if one arrived
+//! meanwhile, to be posted after ours); failure leaves it in the outbox, and
+//! [`Reporter::drain`] delivers it later, newest builds first.
+//!
+//! When an observation may be a re-run that its payload cannot prove
+//! ([`crate::status::Ordering::Ambiguous`]), the reporter asks Buildkite for the build once
+//! ([`Recheck`]) and reports what Buildkite says.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,11 +22,14 @@ use futures::stream::{self, StreamExt};
 
 use url::Url;
 
-use crate::bitbucket::request::{ApiKind, build_request};
+use crate::bitbucket::pacer::{Feedback, Pacer, Priority};
+use crate::bitbucket::request::{ApiKind, StatusRequest, build_request};
 use crate::buildkite::model::{Build, Pipeline};
 use crate::net::SendError;
-use crate::status::{self, Skip};
-use crate::store::{Begin, PendingStatus, StatusLedger, StatusRecord, StoreError};
+use crate::status::{self, Skip, StatusVersion};
+use crate::store::{
+    Begin, BuildSource, PendingStatus, Standing, StatusLedger, StatusRecord, StoreError,
+};
 
 /// A build as the ledger records it: mapped ([`status::map`]) and turned into the request for
 /// the Bitbucket API in use, kept as the payload so the outbox can send it again later.
@@ -36,19 +44,30 @@ pub fn status_record(
     let request = build_request(api, bitbucket_url, &status)?;
     Ok(StatusRecord {
         state: request.state.as_str().to_string(),
-        // A StatusRequest is plain data (strings and JSON); encoding it cannot fail.
-        payload: serde_json::to_value(&request).unwrap_or(serde_json::Value::Null),
+        payload: request,
+        source: Some(BuildSource {
+            organization: status.organization.clone(),
+            pipeline: status.pipeline.clone(),
+            number: status.build_number,
+        }),
         commit: status.commit,
         key: status.key,
         version: status.version,
     })
 }
 
-/// Where statuses go: Bitbucket, in production.
+/// Where statuses go: Bitbucket, in production. One attempt per call: retries and waits are
+/// the reporter's, through the pacer.
 #[async_trait]
 pub trait StatusSink: Send + Sync {
-    /// Posts one status; `payload` is [`StatusRecord::payload`].
-    async fn post(&self, payload: &serde_json::Value) -> Result<(), SendError>;
+    async fn post(&self, request: &StatusRequest) -> Result<(), SendError>;
+}
+
+/// Asks Buildkite for a build's current state, mapped as the reporter's statuses are.
+#[async_trait]
+pub trait Recheck: Send + Sync {
+    /// `Ok(None)`: Buildkite says the build cannot be reported (or no longer exists).
+    async fn recheck(&self, source: &BuildSource) -> Result<Option<StatusRecord>, String>;
 }
 
 /// What became of one status.
@@ -64,6 +83,11 @@ pub enum Outcome {
     InFlight,
     /// Not delivered now; kept in the outbox for a later attempt.
     Deferred { error: String },
+    /// Possibly a re-run, and Buildkite could not be asked: the recorded status stands.
+    Unconfirmed { error: String },
+    /// Bitbucket refused it for longer than the give-up time, or its record is gone: it left
+    /// the outbox.
+    Abandoned { error: String },
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -73,6 +97,8 @@ pub struct Tally {
     pub superseded: u64,
     pub in_flight: u64,
     pub deferred: u64,
+    pub unconfirmed: u64,
+    pub abandoned: u64,
 }
 
 impl Tally {
@@ -83,7 +109,19 @@ impl Tally {
             Outcome::Superseded => self.superseded += 1,
             Outcome::InFlight => self.in_flight += 1,
             Outcome::Deferred { .. } => self.deferred += 1,
+            Outcome::Unconfirmed { .. } => self.unconfirmed += 1,
+            Outcome::Abandoned { .. } => self.abandoned += 1,
         }
+    }
+
+    pub fn merge(&mut self, t: &Tally) {
+        self.posted += t.posted;
+        self.already_reported += t.already_reported;
+        self.superseded += t.superseded;
+        self.in_flight += t.in_flight;
+        self.deferred += t.deferred;
+        self.unconfirmed += t.unconfirmed;
+        self.abandoned += t.abandoned;
     }
 }
 
@@ -91,42 +129,77 @@ impl Tally {
 pub struct Reporter {
     ledger: Arc<dyn StatusLedger>,
     sink: Arc<dyn StatusSink>,
+    pacer: Arc<Pacer>,
+    recheck: Option<Arc<dyn Recheck>>,
     concurrency: usize,
     /// How long a status being posted stays leased before the outbox may retry it.
     lease: Duration,
+    priority: Priority,
+    /// Longest wait for a turn before the status is left to the outbox.
+    max_wait: Duration,
+    give_up_after: Duration,
 }
 
-/// Retry schedule of the outbox: 30 s doubling to 15 minutes for transient failures; a refusal
-/// that only a person can fix (bad credentials, unknown repository, invalid field) is retried
-/// hourly so it is delivered once fixed, without hammering.
-fn retry_delay(attempts: u32, error: &SendError) -> Duration {
-    if let Some(wait) = error.retry_after() {
-        return wait.max(Duration::from_secs(1));
-    }
-    if !error.is_transient() {
-        return Duration::from_secs(3600);
-    }
-    let secs = 30u64.saturating_mul(1 << attempts.min(10));
-    Duration::from_secs(secs.min(15 * 60))
-}
+/// When a refused status (400, 401, 404...) is tried again: hourly, so it is delivered once a
+/// person fixed the cause, without hammering.
+const REFUSED_RETRY: Duration = Duration::from_secs(3600);
+/// Posts of one status answered 429 before it is left to the outbox.
+const RATE_LIMITED_TRIES: u32 = 6;
+/// Posts of one status that found Bitbucket unavailable before it is left to the outbox.
+const UNAVAILABLE_TRIES: u32 = 2;
 
 impl Reporter {
+    /// A reporter for the backlog (poll cycles, the outbox).
     pub fn new(
         ledger: Arc<dyn StatusLedger>,
         sink: Arc<dyn StatusSink>,
+        pacer: Arc<Pacer>,
         concurrency: usize,
     ) -> Reporter {
         Reporter {
             ledger,
             sink,
+            pacer,
+            recheck: None,
             concurrency: concurrency.max(1),
-            lease: Duration::from_secs(60),
+            lease: Duration::from_secs(120),
+            priority: Priority::Backlog,
+            max_wait: Duration::from_secs(60),
+            give_up_after: Duration::from_secs(72 * 3600),
         }
+    }
+
+    /// The same reporter for live statuses (webhooks): ahead of the backlog, and quick to
+    /// leave a status to the outbox rather than keep Buildkite waiting for an answer.
+    pub fn live(&self) -> Reporter {
+        Reporter {
+            priority: Priority::Live,
+            max_wait: Duration::from_secs(2),
+            ..self.clone()
+        }
+    }
+
+    pub fn with_recheck(mut self, recheck: Arc<dyn Recheck>) -> Reporter {
+        self.recheck = Some(recheck);
+        self
+    }
+
+    pub fn with_give_up_after(mut self, after: Duration) -> Reporter {
+        self.give_up_after = after;
+        self
     }
 
     /// Most posts in flight at once.
     pub fn concurrency(&self) -> usize {
         self.concurrency
+    }
+
+    pub fn pacer(&self) -> &Arc<Pacer> {
+        &self.pacer
+    }
+
+    pub fn ledger(&self) -> &Arc<dyn StatusLedger> {
+        &self.ledger
     }
 
     /// Reports one status. Errors are store failures only (the status may not be recorded):
@@ -136,16 +209,60 @@ impl Reporter {
             Begin::AlreadyReported => Ok(Outcome::AlreadyReported),
             Begin::Superseded => Ok(Outcome::Superseded),
             Begin::InFlight => Ok(Outcome::InFlight),
-            Begin::Post => self.deliver(status, 0).await,
+            Begin::Post => self.deliver(status, 0, None).await,
+            Begin::Ambiguous { recorded } => self.confirm(status, recorded).await,
         }
     }
 
-    /// Delivers outbox entries that are due (failed earlier, or whose poster died), at most
-    /// `limit` this time.
-    pub async fn drain(&self, limit: usize) -> Result<Tally, StoreError> {
-        let due = self.ledger.due(Utc::now(), limit).await?;
+    /// A build running again by its payload's evidence as old as what is recorded: ask
+    /// Buildkite, and report its answer instead.
+    async fn confirm(
+        &self,
+        status: StatusRecord,
+        recorded: StatusVersion,
+    ) -> Result<Outcome, StoreError> {
+        let (Some(recheck), Some(source)) = (&self.recheck, &status.source) else {
+            return Ok(Outcome::AlreadyReported);
+        };
+        let fresh = match recheck.recheck(source).await {
+            Ok(Some(fresh)) if fresh.commit == status.commit && fresh.key == status.key => fresh,
+            Ok(_) => return Ok(Outcome::AlreadyReported),
+            Err(error) => {
+                tracing::warn!(commit = %status.commit, key = %status.key, error = %error,
+                    "cannot ask Buildkite whether the build runs again; the recorded status stands");
+                return Ok(Outcome::Unconfirmed { error });
+            }
+        };
+        tracing::debug!(commit = %fresh.commit, key = %fresh.key, recorded = %recorded,
+            buildkite = %fresh.version, "asked Buildkite about a possible re-run");
+        let mut fresh = fresh;
+        if status::compare(fresh.version, recorded) == status::Ordering::Ambiguous {
+            // Buildkite says it is running now, after what was recorded. Unless the record
+            // already says just that (an in-progress state of the same rank), it is news.
+            if !recorded.ended() && recorded.rank == fresh.version.rank {
+                return Ok(Outcome::AlreadyReported);
+            }
+            fresh.version = fresh.version.confirmed_after(recorded);
+        }
+        match self.ledger.begin_report(&fresh, self.lease).await? {
+            Begin::Post => self.deliver(fresh, 0, None).await,
+            Begin::AlreadyReported | Begin::Ambiguous { .. } => Ok(Outcome::AlreadyReported),
+            Begin::Superseded => Ok(Outcome::Superseded),
+            Begin::InFlight => Ok(Outcome::InFlight),
+        }
+    }
+
+    /// Delivers outbox entries that were due at `now` (failed earlier, or whose poster died),
+    /// newest builds first, at most `limit` this time. A poll cycle passes its own start, so
+    /// what failed during the cycle is not tried again in it.
+    pub async fn drain(
+        &self,
+        now: chrono::DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Tally, StoreError> {
+        let due = self.ledger.due(now, limit).await?;
         let results: Vec<Result<Outcome, StoreError>> = stream::iter(due)
-            .map(|p: PendingStatus| self.deliver(p.status, p.attempts + 1))
+            .map(|p: PendingStatus| self.redeliver(p))
             .buffer_unordered(self.concurrency)
             .collect()
             .await;
@@ -156,14 +273,72 @@ impl Reporter {
         Ok(tally)
     }
 
+    async fn redeliver(&self, p: PendingStatus) -> Result<Outcome, StoreError> {
+        let s = &p.status;
+        match self.ledger.standing(&s.commit, &s.key, s.version).await? {
+            Standing::Wanted => self.deliver(p.status, p.attempts, p.queued_at).await,
+            Standing::AlreadyReported | Standing::Superseded => {
+                self.ledger.abandon(&s.commit, &s.key, s.version).await?;
+                Ok(Outcome::AlreadyReported)
+            }
+            Standing::Gone => {
+                let error = "its status record is gone (expired)".to_string();
+                self.give_up(s, &error).await?;
+                Ok(Outcome::Abandoned { error })
+            }
+        }
+    }
+
+    async fn give_up(&self, s: &StatusRecord, error: &str) -> Result<(), StoreError> {
+        tracing::error!(target: "kitebridge::outbox", commit = %s.commit, key = %s.key,
+            state = %s.state, error, metric = "StatusAbandoned",
+            "giving up on a status Bitbucket never took");
+        self.ledger.abandon(&s.commit, &s.key, s.version).await
+    }
+
     async fn deliver(
         &self,
         mut status: StatusRecord,
         attempts: u32,
+        queued_at: Option<chrono::DateTime<Utc>>,
     ) -> Result<Outcome, StoreError> {
+        let (mut limited, mut unavailable) = (0u32, 0u32);
         loop {
-            match self.sink.post(&status.payload).await {
+            let waited = match self.pacer.acquire(self.priority, self.max_wait).await {
+                Ok(waited) => waited,
+                Err(held) => {
+                    let error = held.to_string();
+                    // Due at once: the destination's pacer, not this status, says when.
+                    let next = Utc::now();
+                    self.ledger
+                        .defer(
+                            &status.commit,
+                            &status.key,
+                            status.version,
+                            next,
+                            &error,
+                            false,
+                        )
+                        .await?;
+                    return Ok(Outcome::Deferred { error });
+                }
+            };
+            // Whatever arrived while this one waited for its turn (coalescing: a superseded
+            // state is never posted).
+            if waited >= Duration::from_millis(20) {
+                match self
+                    .ledger
+                    .standing(&status.commit, &status.key, status.version)
+                    .await?
+                {
+                    Standing::Wanted | Standing::Gone => {}
+                    Standing::AlreadyReported => return Ok(Outcome::AlreadyReported),
+                    Standing::Superseded => return Ok(Outcome::Superseded),
+                }
+            }
+            let error = match self.sink.post(&status.payload).await {
                 Ok(()) => {
+                    self.pacer.feedback(Feedback::Accepted);
                     tracing::debug!(commit = %status.commit, key = %status.key, state = %status.state, "status posted");
                     match self
                         .ledger
@@ -171,36 +346,107 @@ impl Reporter {
                         .await?
                     {
                         // Ours may have landed after the newer one: post the newer one again.
-                        Some(newer) => status = newer,
+                        Some(newer) => {
+                            status = newer;
+                            continue;
+                        }
                         None => return Ok(Outcome::Posted),
                     }
                 }
-                Err(error) => {
-                    let delay = retry_delay(attempts, &error);
-                    let level_error = !error.is_transient();
-                    if level_error {
-                        tracing::error!(commit = %status.commit, key = %status.key, error = %error,
-                            retry_in_s = delay.as_secs(), "Bitbucket refused the status; keeping it for retry");
-                    } else {
-                        tracing::warn!(commit = %status.commit, key = %status.key, error = %error,
-                            retry_in_s = delay.as_secs(), "status not delivered; keeping it for retry");
-                    }
-                    let next = Utc::now() + delay;
-                    self.ledger
-                        .defer(
-                            &status.commit,
-                            &status.key,
-                            status.version,
-                            next,
-                            &error.to_string(),
-                        )
-                        .await?;
-                    return Ok(Outcome::Deferred {
-                        error: error.to_string(),
-                    });
+                Err(error) => error,
+            };
+            let feedback = feedback_for(&error);
+            self.pacer.feedback(feedback);
+            match feedback {
+                Feedback::RateLimited(_) if limited + 1 < RATE_LIMITED_TRIES => {
+                    limited += 1;
+                    continue;
                 }
+                Feedback::Unavailable if unavailable + 1 < UNAVAILABLE_TRIES => {
+                    unavailable += 1;
+                    continue;
+                }
+                _ => {}
             }
+            let refused = feedback == Feedback::Refused;
+            let since = queued_at.unwrap_or_else(Utc::now);
+            let overdue = (Utc::now() - since)
+                .to_std()
+                .is_ok_and(|age| age >= self.give_up_after);
+            if refused && overdue {
+                let error = format!("refused for longer than the give-up time: {error}");
+                self.give_up(&status, &error).await?;
+                return Ok(Outcome::Abandoned { error });
+            }
+            let next = if refused {
+                Utc::now() + REFUSED_RETRY
+            } else {
+                // The destination's backoff decides when: due at the next drain.
+                Utc::now()
+            };
+            if refused {
+                tracing::error!(commit = %status.commit, key = %status.key, error = %error, attempts,
+                    "Bitbucket refused the status; keeping it for retry");
+            } else {
+                tracing::warn!(commit = %status.commit, key = %status.key, error = %error, attempts,
+                    "status not delivered; keeping it for retry");
+            }
+            self.ledger
+                .defer(
+                    &status.commit,
+                    &status.key,
+                    status.version,
+                    next,
+                    &error.to_string(),
+                    error.is_ambiguous(),
+                )
+                .await?;
+            return Ok(Outcome::Deferred {
+                error: error.to_string(),
+            });
         }
+    }
+}
+
+/// [`Recheck`] against Buildkite's REST API, mapped for the Bitbucket in use.
+pub struct BuildkiteRecheck {
+    pub buildkite: crate::buildkite::client::BuildkiteClient,
+    pub bitbucket: crate::bitbucket::BitbucketClient,
+}
+
+#[async_trait]
+impl Recheck for BuildkiteRecheck {
+    async fn recheck(&self, source: &BuildSource) -> Result<Option<StatusRecord>, String> {
+        let build: Option<Build> = self
+            .buildkite
+            .get_build(&source.organization, &source.pipeline, source.number)
+            .await
+            .map_err(|e| e.to_string())?;
+        let Some(build) = build else {
+            return Ok(None);
+        };
+        let api = self.bitbucket.api().await.map_err(|e| e.to_string())?;
+        Ok(status_record(
+            &build,
+            None,
+            Some(&source.organization),
+            &api,
+            self.bitbucket.base(),
+        )
+        .ok())
+    }
+}
+
+/// What a failed post tells the pacer.
+fn feedback_for(error: &SendError) -> Feedback {
+    match error {
+        SendError::Status {
+            status: 429,
+            retry_after,
+            ..
+        } => Feedback::RateLimited(*retry_after),
+        e if e.is_transient() => Feedback::Unavailable,
+        _ => Feedback::Refused,
     }
 }
 
@@ -209,22 +455,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn retry_schedule() {
-        let transient = SendError::Timeout;
-        assert_eq!(retry_delay(0, &transient), Duration::from_secs(30));
-        assert_eq!(retry_delay(1, &transient), Duration::from_secs(60));
-        assert_eq!(retry_delay(30, &transient), Duration::from_secs(900));
+    fn what_a_failure_tells_the_pacer() {
+        assert_eq!(feedback_for(&SendError::Timeout), Feedback::Unavailable);
         let refused = SendError::Status {
             status: 400,
             message: "bad".into(),
             retry_after: None,
         };
-        assert_eq!(retry_delay(0, &refused), Duration::from_secs(3600));
+        assert_eq!(feedback_for(&refused), Feedback::Refused);
         let limited = SendError::Status {
             status: 429,
             message: String::new(),
             retry_after: Some(Duration::from_secs(5)),
         };
-        assert_eq!(retry_delay(3, &limited), Duration::from_secs(5));
+        assert_eq!(
+            feedback_for(&limited),
+            Feedback::RateLimited(Some(Duration::from_secs(5)))
+        );
+        let down = SendError::Status {
+            status: 503,
+            message: String::new(),
+            retry_after: None,
+        };
+        assert_eq!(feedback_for(&down), Feedback::Unavailable);
     }
 }

@@ -26,9 +26,20 @@ pub async fn poll_loop(state: AppState, mut stop: watch::Receiver<bool>) {
             }
             last_purge = Some(std::time::Instant::now());
         }
-        if let Err(e) = poller.cycle().await {
+        // Supervised: each cycle runs as its own task, so a panic in one is logged and the
+        // next cycle runs (the loop, and `/healthz`'s view of it, carry on).
+        let cycle = tokio::spawn({
+            let poller = poller.clone();
+            async move { poller.cycle().await }
+        });
+        match cycle.await {
+            Ok(Ok(_)) => {}
             // The summary line and the error were logged by the cycle; the next one retries.
-            tracing::debug!(error = %e, "poll cycle failed");
+            Ok(Err(e)) => tracing::debug!(error = %e, "poll cycle failed"),
+            Err(e) if e.is_panic() => {
+                tracing::error!("poll cycle panicked; the next cycle runs as scheduled")
+            }
+            Err(e) => tracing::error!(error = %e, "poll cycle was cancelled"),
         }
         tokio::select! {
             _ = tokio::time::sleep(interval.max(Duration::from_secs(1))) => {}

@@ -18,10 +18,23 @@
 //!
 //! # Ordering
 //!
-//! A status's `version` is `build_number << 8 | rank`, rank: creating 1, scheduled and waiting 2,
-//! running 3, failing 4, blocked 5, canceling 6, ended (passed, failed, waiting_failed, canceled,
-//! skipped, not_run) 7. A late or repeated delivery of an earlier state never replaces a later
-//! one, and a rebuild (a higher number) replaces any status of an older build.
+//! Buildkite's latest word wins. A status's [`StatusVersion`] is `(build number, epoch, rank)`,
+//! compared in that order:
+//!
+//! - a rebuild (a higher number) replaces any status of an older build;
+//! - within one build, the *epoch* is the build's own evidence of which run this is: its
+//!   `finished_at` once it has ended, else its `started_at` (0 before it starts). A build that a
+//!   retried job ran again has a newer `finished_at` (and, when Buildkite moves it, a newer
+//!   `started_at`), so its new state replaces the old one in either direction (red to green or
+//!   green to red);
+//! - within one run, the state's rank: creating 1, scheduled and waiting 2, running 3, failing 4,
+//!   blocked 5, canceling 6, ended (passed, failed, waiting_failed, canceled, skipped, not_run) 7.
+//!
+//! So a late or repeated delivery of an earlier state never replaces a later one. One case
+//! cannot be told from the payload alone: a build that is running again with the `started_at`
+//! of its first run, after it had ended (a late `build.running`, or a real retry?). [`compare`]
+//! calls that [`Ordering::Ambiguous`], and the reporter asks Buildkite's REST API for the build
+//! once and reports what it says (see [`crate::report`]).
 //!
 //! # Fields
 //!
@@ -62,6 +75,115 @@ impl LogicalState {
     }
 }
 
+/// Orders the observations of one (commit, key): see the module docs. Compared field by field
+/// in declaration order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct StatusVersion {
+    /// The build number.
+    pub build: u64,
+    /// Which run of the build: `finished_at` (ms since the epoch) once it ended, else
+    /// `started_at`, else 0; or a value the reporter chose after asking Buildkite.
+    pub epoch_ms: i64,
+    /// The state's rank within a run.
+    pub rank: u8,
+}
+
+/// How a new observation of a (commit, key) stands to the recorded one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ordering {
+    Newer,
+    Same,
+    Older,
+    /// Older by its evidence, yet it may be a real re-run: ask Buildkite.
+    Ambiguous,
+}
+
+impl StatusVersion {
+    pub fn of(build: &Build, rank: u8) -> StatusVersion {
+        let epoch = build.finished_at.or(build.started_at);
+        StatusVersion {
+            build: build.number,
+            epoch_ms: epoch.map_or(0, |t| t.timestamp_millis()),
+            rank,
+        }
+    }
+
+    /// The build had ended (or was blocked, which Buildkite counts as finished) when observed.
+    pub fn ended(self) -> bool {
+        matches!(self.rank, 5 | 7)
+    }
+
+    /// The same state, placed just after `recorded`: what Buildkite confirmed is the build's
+    /// state now, after `recorded` was observed.
+    pub fn confirmed_after(self, recorded: StatusVersion) -> StatusVersion {
+        StatusVersion {
+            epoch_ms: self.epoch_ms.max(recorded.epoch_ms.saturating_add(1)),
+            ..self
+        }
+    }
+
+    /// The version records written before versions had an epoch stored:
+    /// `build number << 8 | rank`.
+    pub fn from_legacy(v: u64) -> StatusVersion {
+        StatusVersion {
+            build: v >> 8,
+            epoch_ms: 0,
+            rank: (v & 0xff) as u8,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for StatusVersion {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Fields {
+            build: u64,
+            epoch_ms: i64,
+            rank: u8,
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Stored {
+            Fields(Fields),
+            Legacy(u64),
+        }
+        Ok(match Stored::deserialize(d)? {
+            Stored::Fields(f) => StatusVersion {
+                build: f.build,
+                epoch_ms: f.epoch_ms,
+                rank: f.rank,
+            },
+            Stored::Legacy(v) => StatusVersion::from_legacy(v),
+        })
+    }
+}
+
+impl fmt::Display for StatusVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "#{}@{}/{}", self.build, self.epoch_ms, self.rank)
+    }
+}
+
+/// How `new` stands to `recorded` (module docs, "Ordering").
+pub fn compare(new: StatusVersion, recorded: StatusVersion) -> Ordering {
+    match new.cmp(&recorded) {
+        std::cmp::Ordering::Greater => Ordering::Newer,
+        std::cmp::Ordering::Equal => Ordering::Same,
+        std::cmp::Ordering::Less if new.build != recorded.build => Ordering::Older,
+        // Still running, by evidence older than what is recorded: a late delivery, or the build
+        // ran again without moving its timestamps. Buildkite can tell which.
+        // (One that has not started yet is no re-run: a re-run has a `started_at`.)
+        std::cmp::Ordering::Less
+            if !new.ended()
+                && new.epoch_ms > 0
+                && (recorded.ended() || new.rank > recorded.rank) =>
+        {
+            Ordering::Ambiguous
+        }
+        std::cmp::Ordering::Less => Ordering::Older,
+    }
+}
+
 /// A commit status, independent of the Bitbucket API it will be posted to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommitStatus {
@@ -71,7 +193,7 @@ pub struct CommitStatus {
     pub key: String,
     pub logical: LogicalState,
     /// Orders the statuses of one (commit, key); see the module docs.
-    pub version: u64,
+    pub version: StatusVersion,
     pub name: String,
     /// Uncut; each API fits it to its own limit.
     pub description: String,
@@ -109,8 +231,6 @@ pub enum Skip {
     MissingOrganization,
     #[error("the build has no web URL to link to")]
     MissingUrl,
-    #[error("build number {number} is too large to order statuses by")]
-    BuildNumberTooLarge { number: u64 },
     #[error("the pipeline has no repository URL, which the {api} API needs")]
     MissingRepository { api: String },
     #[error("repository {url:?} cannot be used with the {api} API: {problem}")]
@@ -199,13 +319,7 @@ pub fn map(
     };
     let logical = logical_state(build).ok_or_else(unknown)?;
     let rank = rank(build).ok_or_else(unknown)?;
-    let version = build
-        .number
-        .checked_mul(1 << 8)
-        .map(|v| v | u64::from(rank))
-        .ok_or(Skip::BuildNumberTooLarge {
-            number: build.number,
-        })?;
+    let version = StatusVersion::of(build, rank);
 
     let pipeline = pipeline.or(build.pipeline.as_ref());
     let slug = build.pipeline_slug(pipeline).ok_or(Skip::MissingPipeline)?;
@@ -430,7 +544,7 @@ mod tests {
             let s = map(&build(state, blocked), None, None).unwrap();
             let case = format!("{state} blocked={blocked}");
             assert_eq!(s.logical, logical, "{case}");
-            assert_eq!(s.version, 1842 << 8 | u64::from(rank), "{case}");
+            assert_eq!((s.version.build, s.version.rank), (1842, rank), "{case}");
             assert!(
                 s.description.starts_with(description),
                 "{case}: {}",
@@ -517,15 +631,98 @@ mod tests {
         assert!(order.windows(2).all(|w| w[0] < w[1]), "{order:?}");
         assert_eq!(v("scheduled", false, 7), v("waiting", false, 7));
         assert_eq!(v("passed", false, 7), v("canceled", false, 7));
+    }
 
-        let mut b = build("passed", false);
-        b.number = u64::MAX >> 4;
+    fn at(s: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+        Some(s.parse().unwrap())
+    }
+
+    /// A build observed in `state` with these timestamps.
+    fn seen(state: &str, started: Option<&str>, finished: Option<&str>) -> StatusVersion {
+        let mut b = build(state, false);
+        b.started_at = started.and_then(at);
+        b.finished_at = finished.and_then(at);
+        map(&b, None, None).unwrap().version
+    }
+
+    #[test]
+    fn a_retried_build_is_newer_in_both_directions() {
+        let (s1, f1) = (Some("2025-03-11T10:00:00Z"), Some("2025-03-11T10:05:00Z"));
+        let (s2, f2) = (Some("2025-03-11T10:07:00Z"), Some("2025-03-11T10:09:00Z"));
+        let first = [
+            seen("scheduled", None, None),
+            seen("running", s1, None),
+            seen("failing", s1, None),
+            seen("failed", s1, f1),
+        ];
+        assert!(first.windows(2).all(|w| w[0] < w[1]), "{first:?}");
+        let failed = first[3];
+        // Re-run by a retried job, with `started_at` moved: newer, proven by the payload.
+        let rerun = seen("running", s2, None);
+        assert_eq!(compare(rerun, failed), Ordering::Newer);
+        let passed = seen("passed", s2, f2);
+        assert_eq!(compare(passed, rerun), Ordering::Newer);
+        // ... and the other way round: a passed build re-run to red.
         assert_eq!(
-            map(&b, None, None),
-            Err(Skip::BuildNumberTooLarge {
-                number: u64::MAX >> 4
-            })
+            compare(seen("failed", s2, f2), seen("passed", s1, f1)),
+            Ordering::Newer
         );
+        // Late deliveries of the first run never move it back (a late `running` is worth
+        // asking Buildkite about; a late `scheduled` is not).
+        for late in first {
+            assert_ne!(compare(late, passed), Ordering::Newer, "{late}");
+            assert_ne!(compare(late, passed), Ordering::Same, "{late}");
+        }
+        assert_eq!(compare(first[0], passed), Ordering::Older);
+        assert_eq!(compare(first[3], passed), Ordering::Older);
+        assert_eq!(compare(failed, failed), Ordering::Same);
+        // Running again with the first run's `started_at`: only Buildkite can tell.
+        assert_eq!(
+            compare(seen("running", s1, None), failed),
+            Ordering::Ambiguous
+        );
+        // What Buildkite confirmed is placed after the recorded state, and a repeat of the same
+        // in-progress observation is then simply older.
+        let confirmed = seen("running", s1, None).confirmed_after(failed);
+        assert_eq!(compare(confirmed, failed), Ordering::Newer);
+        assert_eq!(
+            compare(seen("running", s1, None), confirmed),
+            Ordering::Older
+        );
+        // ... but a state further along in that run is worth asking about again.
+        assert_eq!(
+            compare(seen("failing", s1, None), confirmed),
+            Ordering::Ambiguous
+        );
+        assert_eq!(compare(seen("passed", s1, f2), confirmed), Ordering::Newer);
+        // A rebuild (a new number) wins whatever the timestamps; an old build never does.
+        let mut rebuild = seen("scheduled", None, None);
+        rebuild.build += 1;
+        assert_eq!(compare(rebuild, passed), Ordering::Newer);
+        assert_eq!(compare(passed, rebuild), Ordering::Older);
+    }
+
+    #[test]
+    fn legacy_versions_still_decode() {
+        let v: StatusVersion = serde_json::from_value(json!((7u64 << 8) | 7)).unwrap();
+        assert_eq!(
+            v,
+            StatusVersion {
+                build: 7,
+                epoch_ms: 0,
+                rank: 7
+            }
+        );
+        let now = seen(
+            "passed",
+            Some("2025-03-11T10:00:00Z"),
+            Some("2025-03-11T10:05:00Z"),
+        );
+        let back: StatusVersion =
+            serde_json::from_value(serde_json::to_value(now).unwrap()).unwrap();
+        assert_eq!(back, now);
+        // A record from before epochs were kept is replaced once by the same state.
+        assert_eq!(compare(now, v), Ordering::Newer);
     }
 
     #[test]
@@ -666,7 +863,7 @@ mod tests {
             if let Ok(s) = map(&b, None, None) {
                 proptest::prop_assert_eq!(s.commit.len(), 40);
                 proptest::prop_assert!(!s.description.contains('\n'));
-                proptest::prop_assert_eq!(s.version >> 8, number);
+                proptest::prop_assert_eq!(s.version.build, number);
             }
         }
     }

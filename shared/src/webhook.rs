@@ -404,6 +404,16 @@ async fn build_event(state: &AppState, payload: &WebhookPayload, trace: &mut Tra
                 Outcome::Superseded => (StatusCode::OK, "superseded"),
                 // Another delivery (or the poller) is posting this very status right now.
                 Outcome::InFlight => (StatusCode::OK, "in_flight"),
+                // Possibly a re-run, and Buildkite could not be asked: the recorded status
+                // stands; the poll (or the build's next event) settles it.
+                Outcome::Unconfirmed { error } => {
+                    trace.detail = Some(error);
+                    (StatusCode::OK, "unconfirmed")
+                }
+                Outcome::Abandoned { error } => {
+                    trace.detail = Some(error);
+                    (StatusCode::OK, "abandoned")
+                }
                 Outcome::Deferred { error } => {
                     trace.detail = Some(error);
                     set(

@@ -129,12 +129,17 @@ impl BitbucketClient {
         }
     }
 
-    /// Posts one prepared status request.
+    /// Posts one prepared status request, once: retries and waits belong to the reporter and
+    /// its pacer, which see every answer.
     pub async fn post_request(&self, req: &StatusRequest) -> Result<(), SendError> {
         let url = join_url(&self.base, &req.path);
+        let once = RetryPolicy {
+            attempts: 1,
+            ..self.policy
+        };
         net::send(
             || self.authed(self.http.post(&url)).json(&req.body),
-            &self.policy,
+            &once,
             Idempotence::Idempotent,
         )
         .await
@@ -144,9 +149,7 @@ impl BitbucketClient {
 
 #[async_trait]
 impl StatusSink for BitbucketClient {
-    async fn post(&self, payload: &serde_json::Value) -> Result<(), SendError> {
-        let req: StatusRequest = serde_json::from_value(payload.clone())
-            .map_err(|e| SendError::Other(format!("stored status request cannot be read: {e}")))?;
-        self.post_request(&req).await
+    async fn post(&self, request: &StatusRequest) -> Result<(), SendError> {
+        self.post_request(request).await
     }
 }

@@ -13,5 +13,6 @@ pub use request::{
 };
 
 pub mod client;
+pub mod pacer;
 
 pub use client::BitbucketClient;

@@ -431,7 +431,7 @@ mod tests {
             commit: SHA.into(),
             key: "acme-inc/web-app".into(),
             logical,
-            version: 1842 << 8 | 7,
+            version: crate::status::StatusVersion::from_legacy(1842 << 8 | 7),
             name: "Web App #1842".into(),
             description: "Passed in 3m 12s \u{2014} Fix login".into(),
             url: "https://buildkite.com/acme-inc/web-app/builds/1842".into(),

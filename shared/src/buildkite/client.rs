@@ -20,6 +20,9 @@ use crate::net::{self, Idempotence, RetryPolicy, SendError};
 
 /// Buildkite's page size limit.
 pub const MAX_PER_PAGE: u32 = 100;
+/// Most pages one listing follows (200,000 builds): a `Link` that names more is refused rather
+/// than followed (or turned into that many URLs up front).
+pub const MAX_PAGES: u32 = 2_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildkiteError {
@@ -146,20 +149,20 @@ impl BuildkiteClient {
         let (pages, builds) = tokio::join!(self.send_pages(org, filter, tx), collect);
         Ok(Listing {
             builds,
-            pages: pages?,
+            pages: pages?.pages,
         })
     }
 
     /// Like [`BuildkiteClient::list_builds`], but hands each page to `pages` as it arrives (in
     /// order), so a caller can work on the first pages while later ones load and never holds
-    /// every build at once. Returns how many pages were read. If the receiver is dropped, the
-    /// listing stops early without error.
+    /// every build at once. Returns how many pages were read and Buildkite's clock at the first
+    /// answer. If the receiver is dropped, the listing stops early without error.
     pub async fn send_pages<T: DeserializeOwned + Send>(
         &self,
         org: &str,
         filter: &BuildFilter,
         pages: tokio::sync::mpsc::Sender<Vec<T>>,
-    ) -> Result<u32, BuildkiteError> {
+    ) -> Result<PagesRead, BuildkiteError> {
         let mut first = Url::parse(&join_url(
             &self.base,
             &format!("/v2/organizations/{}/builds", enc(org)),
@@ -173,10 +176,11 @@ impl BuildkiteClient {
             q.append_pair("per_page", &MAX_PER_PAGE.to_string());
             q.append_pair("exclude_jobs", "true");
         }
-        let (builds, links) = self.page::<T>(first.as_str()).await?;
+        let (builds, links, server_date) = self.page::<T>(first.as_str()).await?;
         let mut count = 1;
+        let read = |pages| PagesRead { pages, server_date };
         if pages.send(builds).await.is_err() {
-            return Ok(count);
+            return Ok(read(count));
         }
 
         if filter.is_stable()
@@ -186,7 +190,7 @@ impl BuildkiteClient {
                 .and_then(|l| page_urls(l, links.next.as_deref()))
         {
             let mut rest = stream::iter(last)
-                .map(|url| async move { self.page::<T>(&url).await.map(|(b, _)| b) })
+                .map(|url| async move { self.page::<T>(&url).await.map(|(b, _, _)| b) })
                 .buffered(self.page_concurrency);
             while let Some(page) = rest.try_next().await? {
                 count += 1;
@@ -194,19 +198,56 @@ impl BuildkiteClient {
                     break;
                 }
             }
-            return Ok(count);
+            return Ok(read(count));
         }
 
         let mut next = links.next;
         while let Some(url) = next {
-            let (more, links) = self.page::<T>(&url).await?;
+            if count >= MAX_PAGES {
+                return Err(BuildkiteError::Decode(format!(
+                    "the listing has more than {MAX_PAGES} pages; not followed further"
+                )));
+            }
+            let (more, links, _) = self.page::<T>(&url).await?;
             count += 1;
             if pages.send(more).await.is_err() {
                 break;
             }
             next = links.next;
         }
-        Ok(count)
+        Ok(read(count))
+    }
+
+    /// One build, as Buildkite has it now; `None` when there is no such build.
+    pub async fn get_build<T: DeserializeOwned>(
+        &self,
+        org: &str,
+        pipeline: &str,
+        number: u64,
+    ) -> Result<Option<T>, BuildkiteError> {
+        let url = join_url(
+            &self.base,
+            &format!(
+                "/v2/organizations/{}/pipelines/{}/builds/{number}",
+                enc(org),
+                enc(pipeline)
+            ),
+        );
+        self.wait_for_gate().await;
+        let resp = net::send(
+            || self.http.get(&url).bearer_auth(self.token.expose()),
+            &self.policy,
+            Idempotence::Idempotent,
+        )
+        .await;
+        let resp = match resp {
+            Err(SendError::Status { status: 404, .. }) => return Ok(None),
+            other => self.note_limits(other)?,
+        };
+        resp.json::<T>()
+            .await
+            .map(Some)
+            .map_err(|e| BuildkiteError::Decode(format!("build: {e}")))
     }
 
     /// Creates a build: `POST /v2/organizations/{org}/pipelines/{pipeline}/builds`. Not retried
@@ -246,7 +287,16 @@ impl BuildkiteClient {
     async fn page<T: DeserializeOwned>(
         &self,
         url: &str,
-    ) -> Result<(Vec<T>, Links), BuildkiteError> {
+    ) -> Result<(Vec<T>, Links, Option<DateTime<Utc>>), BuildkiteError> {
+        // The token goes only to the configured API: a `Link` elsewhere is not followed.
+        let target =
+            Url::parse(url).map_err(|e| BuildkiteError::Decode(format!("bad page URL: {e}")))?;
+        if target.origin() != self.base.origin() {
+            return Err(BuildkiteError::Decode(format!(
+                "a Link header points at {}, not at the configured Buildkite API; not followed",
+                target.host_str().unwrap_or("another host")
+            )));
+        }
         self.wait_for_gate().await;
         let resp = net::send(
             || self.http.get(url).bearer_auth(self.token.expose()),
@@ -256,11 +306,17 @@ impl BuildkiteClient {
         .await;
         let resp = self.note_limits(resp)?;
         let links = Links::parse(resp.headers());
+        let server_date = resp
+            .headers()
+            .get(reqwest::header::DATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| DateTime::parse_from_rfc2822(v).ok())
+            .map(|d| d.with_timezone(&Utc));
         let builds = resp
             .json::<Vec<T>>()
             .await
             .map_err(|e| BuildkiteError::Decode(format!("build list: {e}")))?;
-        Ok((builds, links))
+        Ok((builds, links, server_date))
     }
 
     async fn wait_for_gate(&self) {
@@ -311,6 +367,14 @@ fn spent_limit_wait(headers: &HeaderMap) -> Option<Duration> {
 
 fn enc(segment: &str) -> String {
     url::form_urlencoded::byte_serialize(segment.as_bytes()).collect()
+}
+
+/// What [`BuildkiteClient::send_pages`] read.
+#[derive(Debug, Clone, Copy)]
+pub struct PagesRead {
+    pub pages: u32,
+    /// Buildkite's `Date` at the first page, if it sent one.
+    pub server_date: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Default, PartialEq)]
@@ -368,6 +432,10 @@ fn page_urls(last: &str, next: Option<&str>) -> Option<Vec<String>> {
         Some(n) => page_of(&Url::parse(n).ok()?)?,
         None => return Some(Vec::new()),
     };
+    if last_page.saturating_sub(next_page) >= MAX_PAGES {
+        // Not built up front; followed one by one, up to the bound.
+        return None;
+    }
     let urls = (next_page..=last_page)
         .map(|p| {
             let mut u = last_url.clone();

@@ -10,7 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use super::StoreError;
 use super::kv::{Cond, Item, Kv, Order, Write};
+use crate::bitbucket::request::StatusRequest;
 use crate::release::model::{BuildLink, Candidate, Deployment, EnvironmentState, Project, Release};
+use crate::status::{Ordering, StatusVersion, compare};
 
 type Result<T> = std::result::Result<T, StoreError>;
 
@@ -64,13 +66,24 @@ pub struct StatusRecord {
     pub commit: String,
     /// The status key (stable per pipeline).
     pub key: String,
-    /// Orders the statuses of one (commit, key): a higher version is newer. Built from the build
-    /// number and the state's rank, so a late `running` never replaces `passed`.
-    pub version: u64,
+    /// Orders the statuses of one (commit, key): see [`crate::status`], "Ordering".
+    pub version: StatusVersion,
     /// The Bitbucket state, for logs and inspection.
     pub state: String,
     /// Everything needed to post it again later (target API, path, body).
-    pub payload: serde_json::Value,
+    pub payload: StatusRequest,
+    /// The build it reports, so Buildkite can be asked about it again (absent in records
+    /// written before it was kept).
+    #[serde(default)]
+    pub source: Option<BuildSource>,
+}
+
+/// Where a status's build is in Buildkite.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildSource {
+    pub organization: String,
+    pub pipeline: String,
+    pub number: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +97,19 @@ pub enum Begin {
     Superseded,
     /// The same version is being posted right now by someone else (its lease has not run out).
     InFlight,
+    /// Older than `recorded` by its evidence, but it may be a real re-run of the build
+    /// ([`Ordering::Ambiguous`]): nothing was written; ask Buildkite.
+    Ambiguous { recorded: StatusVersion },
+}
+
+/// Whether a status taken in hand earlier is still the one to post.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    Wanted,
+    AlreadyReported,
+    Superseded,
+    /// Nothing is recorded for the (commit, key) any more (expired).
+    Gone,
 }
 
 /// A status waiting in the outbox.
@@ -94,12 +120,28 @@ pub struct PendingStatus {
     pub next_attempt_at: DateTime<Utc>,
     #[serde(default)]
     pub last_error: Option<String>,
+    /// When this (commit, key) first waited undelivered since it was last delivered; kept when
+    /// a newer version replaces an undelivered one, so the age is how long Bitbucket has been
+    /// behind. Absent in records written before it was kept.
+    #[serde(default)]
+    pub queued_at: Option<DateTime<Utc>>,
+}
+
+/// The outbox at a glance (for `/healthz` and the operator view).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct OutboxStats {
+    /// Statuses waiting to be delivered (in flight included).
+    pub depth: u64,
+    /// When the status that has waited longest was first queued.
+    pub oldest_queued_at: Option<DateTime<Utc>>,
+    /// Entries that could not be decoded (logged; they do not stop the rest).
+    pub corrupt: u64,
 }
 
 /// What was last delivered for one (commit, key).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReportedStatus {
-    pub version: u64,
+    pub version: StatusVersion,
     pub state: String,
     pub at: DateTime<Utc>,
 }
@@ -118,21 +160,34 @@ pub trait StatusLedger: Send + Sync {
         &self,
         commit: &str,
         key: &str,
-        version: u64,
+        version: StatusVersion,
     ) -> Result<Option<StatusRecord>>;
 
-    /// Delivery of `version` failed; try again at `next_attempt_at`.
+    /// Delivery of `version` failed; try again at `next_attempt_at`. `ambiguous`: the post may
+    /// still land (it timed out, or the connection dropped after it was sent); if a newer
+    /// version was delivered meanwhile, that newest one is queued to be posted again, since
+    /// this one may land on top of it.
     async fn defer(
         &self,
         commit: &str,
         key: &str,
-        version: u64,
+        version: StatusVersion,
         next_attempt_at: DateTime<Utc>,
         error: &str,
+        ambiguous: bool,
     ) -> Result<()>;
 
-    /// Outbox entries due at `now`, earliest first, at most `limit`.
+    /// Gives up on delivering `version` (it can never be delivered): its outbox entry goes.
+    async fn abandon(&self, commit: &str, key: &str, version: StatusVersion) -> Result<()>;
+
+    /// Whether `version` is still the status to post for (commit, key).
+    async fn standing(&self, commit: &str, key: &str, version: StatusVersion) -> Result<Standing>;
+
+    /// Outbox entries due at `now`, newest builds first, at most `limit`. An entry that cannot
+    /// be decoded is logged and left out; it does not stop the rest.
     async fn due(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<PendingStatus>>;
+
+    async fn outbox_stats(&self) -> Result<OutboxStats>;
 
     async fn reported(&self, commit: &str, key: &str) -> Result<Option<ReportedStatus>>;
 }
@@ -460,6 +515,10 @@ struct StatusDoc {
     /// Until when the desired version's poster owns it (concurrent reporters stand back).
     #[serde(default)]
     leased_until: Option<DateTime<Utc>>,
+    /// Since when Bitbucket has been behind for this (commit, key) (see
+    /// [`PendingStatus::queued_at`]); `None` once delivered.
+    #[serde(default)]
+    queued_at: Option<DateTime<Utc>>,
 }
 
 fn status_pk(commit: &str) -> String {
@@ -478,36 +537,47 @@ impl StatusLedger for Store {
         let pk = status_pk(&status.commit);
         for _ in 0..CAS_ATTEMPTS {
             let current = self.get_doc::<StatusDoc>(&pk, &status.key).await?;
-            let reported_version = current
-                .as_ref()
-                .and_then(|c| c.value.reported.as_ref())
-                .map(|r| r.version);
-            if reported_version.is_some_and(|v| v >= status.version) {
-                return Ok(Begin::AlreadyReported);
-            }
             let now = Utc::now();
-            match current
-                .as_ref()
-                .map(|c| (c.value.desired.version, c.value.leased_until))
-            {
-                Some((v, _)) if v > status.version => return Ok(Begin::Superseded),
-                // Wanted already, undelivered, and its poster is still at it.
-                Some((v, Some(until))) if v == status.version && until > now => {
-                    return Ok(Begin::InFlight);
+            let mut queued_at = now;
+            if let Some(c) = &current {
+                let doc = &c.value;
+                let reported = doc.reported.as_ref().map(|r| r.version);
+                let top = reported.map_or(doc.desired.version, |r| r.max(doc.desired.version));
+                let delivered = |v: StatusVersion| reported.is_some_and(|r| r >= v);
+                match compare(status.version, top) {
+                    Ordering::Newer => {}
+                    Ordering::Same if delivered(status.version) => {
+                        return Ok(Begin::AlreadyReported);
+                    }
+                    // Wanted already, undelivered, and its poster is still at it.
+                    Ordering::Same if doc.leased_until.is_some_and(|until| until > now) => {
+                        return Ok(Begin::InFlight);
+                    }
+                    // Wanted already but the lease ran out (its poster died or gave up): take over.
+                    Ordering::Same => {}
+                    Ordering::Older if delivered(status.version) => {
+                        return Ok(Begin::AlreadyReported);
+                    }
+                    Ordering::Older => return Ok(Begin::Superseded),
+                    Ordering::Ambiguous => return Ok(Begin::Ambiguous { recorded: top }),
                 }
-                // Wanted already but the lease ran out (its poster died or gave up): take over.
-                _ => {}
+                // An undelivered earlier version keeps its place in the queue's age.
+                if !delivered(doc.desired.version) {
+                    queued_at = doc.queued_at.unwrap_or(now);
+                }
             }
             let doc = StatusDoc {
                 desired: status.clone(),
                 reported: current.as_ref().and_then(|c| c.value.reported.clone()),
                 leased_until: Some(now + lease),
+                queued_at: Some(queued_at),
             };
             let pending = PendingStatus {
                 status: status.clone(),
                 attempts: 0,
                 next_attempt_at: now + lease,
                 last_error: None,
+                queued_at: Some(queued_at),
             };
             let (rev, cond) = over(current.as_ref().map(|c| c.rev));
             let writes = vec![
@@ -541,7 +611,7 @@ impl StatusLedger for Store {
         &self,
         commit: &str,
         key: &str,
-        version: u64,
+        version: StatusVersion,
     ) -> Result<Option<StatusRecord>> {
         let pk = status_pk(commit);
         for _ in 0..CAS_ATTEMPTS {
@@ -567,6 +637,10 @@ impl StatusLedger for Store {
                 state,
                 at: Utc::now(),
             });
+            if newer.is_none() {
+                doc.queued_at = None;
+                doc.leased_until = None;
+            }
             let mut writes = vec![put(
                 pk.clone(),
                 key.to_string(),
@@ -595,31 +669,61 @@ impl StatusLedger for Store {
         &self,
         commit: &str,
         key: &str,
-        version: u64,
+        version: StatusVersion,
         next_attempt_at: DateTime<Utc>,
         error: &str,
+        ambiguous: bool,
     ) -> Result<()> {
         let sk = outbox_sk(commit, key);
         for _ in 0..CAS_ATTEMPTS {
-            let Some(current) = self.get_doc::<PendingStatus>(OUTBOX, &sk).await? else {
-                return Ok(()); // delivered meanwhile
+            let entry = self.get_doc::<PendingStatus>(OUTBOX, &sk).await?;
+            let (pending, cond) = match entry {
+                Some(current) if current.value.status.version == version => {
+                    let mut pending = current.value;
+                    pending.attempts += 1;
+                    pending.next_attempt_at = next_attempt_at;
+                    pending.last_error = Some(error.chars().take(500).collect());
+                    (pending, Cond::Rev(current.rev))
+                }
+                // Superseded: the newer entry has its own schedule.
+                Some(_) => return Ok(()),
+                // Delivered meanwhile, by a newer post. If ours may still land on top of it,
+                // post the newest again.
+                None if ambiguous => {
+                    let Some(doc) = self.get_doc::<StatusDoc>(&status_pk(commit), key).await?
+                    else {
+                        return Ok(());
+                    };
+                    let newest = doc.value.desired;
+                    if newest.version <= version {
+                        return Ok(());
+                    }
+                    tracing::info!(commit, key, version = %version, newest = %newest.version,
+                        "an unanswered post may land after a newer status: posting the newest again");
+                    let pending = PendingStatus {
+                        status: newest,
+                        attempts: 0,
+                        next_attempt_at: Utc::now(),
+                        last_error: Some(format!("re-post after an unanswered post of {version}")),
+                        queued_at: Some(Utc::now()),
+                    };
+                    (pending, Cond::Absent)
+                }
+                None => return Ok(()),
             };
-            if current.value.status.version != version {
-                return Ok(()); // superseded: the newer entry has its own schedule
-            }
-            let mut pending = current.value;
-            pending.attempts += 1;
-            pending.next_attempt_at = next_attempt_at;
-            pending.last_error = Some(error.chars().take(500).collect());
+            let rev = match cond {
+                Cond::Rev(r) => r + 1,
+                _ => 1,
+            };
             match self
                 .kv
                 .write(vec![put(
                     OUTBOX.into(),
                     sk.clone(),
-                    current.rev + 1,
+                    rev,
                     &pending,
                     None,
-                    Cond::Rev(current.rev),
+                    cond,
                 )?])
                 .await
             {
@@ -631,29 +735,77 @@ impl StatusLedger for Store {
         Err(StoreError::Conflict)
     }
 
+    async fn abandon(&self, commit: &str, key: &str, version: StatusVersion) -> Result<()> {
+        let sk = outbox_sk(commit, key);
+        let Some(current) = self.get_doc::<PendingStatus>(OUTBOX, &sk).await? else {
+            return Ok(());
+        };
+        if current.value.status.version != version {
+            return Ok(());
+        }
+        match self
+            .kv
+            .write(vec![Write::Delete {
+                pk: OUTBOX.into(),
+                sk,
+                cond: Cond::Rev(current.rev),
+            }])
+            .await
+        {
+            // Changed meanwhile (a newer version, a retry): that one stays.
+            Ok(()) | Err(StoreError::Conflict) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn standing(&self, commit: &str, key: &str, version: StatusVersion) -> Result<Standing> {
+        let Some(doc) = self.get_doc::<StatusDoc>(&status_pk(commit), key).await? else {
+            return Ok(Standing::Gone);
+        };
+        let doc = doc.value;
+        if doc.reported.as_ref().is_some_and(|r| r.version >= version) {
+            return Ok(Standing::AlreadyReported);
+        }
+        if doc.desired.version > version {
+            return Ok(Standing::Superseded);
+        }
+        Ok(Standing::Wanted)
+    }
+
     async fn due(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<PendingStatus>> {
         let mut due = Vec::new();
-        let mut after: Option<String> = None;
-        loop {
-            let page = self
-                .kv
-                .query(OUTBOX, "", after.as_deref(), 500, Order::Ascending)
-                .await?;
-            let last = page.last().map(|i| i.sk.clone());
-            for item in &page {
-                let p: Versioned<PendingStatus> = decode(item)?;
-                if p.value.next_attempt_at <= now {
-                    due.push(p.value);
-                }
+        for_each_outbox_entry(self, |entry| {
+            if let Ok(p) = entry
+                && p.next_attempt_at <= now
+            {
+                due.push(p);
             }
-            match last {
-                Some(sk) if page.len() == 500 => after = Some(sk),
-                _ => break,
-            }
-        }
-        due.sort_by_key(|p| p.next_attempt_at);
+        })
+        .await?;
+        // Newest builds first: an old backlog waits behind what people are looking at now.
+        due.sort_by_key(|p| {
+            (
+                std::cmp::Reverse(p.status.version.epoch_ms),
+                p.next_attempt_at,
+            )
+        });
         due.truncate(limit);
         Ok(due)
+    }
+
+    async fn outbox_stats(&self) -> Result<OutboxStats> {
+        let mut stats = OutboxStats::default();
+        for_each_outbox_entry(self, |entry| match entry {
+            Ok(p) => {
+                stats.depth += 1;
+                let since = p.queued_at.unwrap_or(p.next_attempt_at);
+                stats.oldest_queued_at =
+                    Some(stats.oldest_queued_at.map_or(since, |o| o.min(since)));
+            }
+            Err(()) => stats.corrupt += 1,
+        })
+        .await?;
+        Ok(stats)
     }
 
     async fn reported(&self, commit: &str, key: &str) -> Result<Option<ReportedStatus>> {
@@ -661,6 +813,36 @@ impl StatusLedger for Store {
             .get_doc::<StatusDoc>(&status_pk(commit), key)
             .await?
             .and_then(|d| d.value.reported))
+    }
+}
+
+/// Every outbox entry in key order, decoded; one that cannot be decoded is logged and handed
+/// over as `Err(())`.
+async fn for_each_outbox_entry(
+    store: &Store,
+    mut each: impl FnMut(std::result::Result<PendingStatus, ()>) + Send,
+) -> Result<()> {
+    const PAGE: usize = 500;
+    let mut after: Option<String> = None;
+    loop {
+        let page = store
+            .kv
+            .query(OUTBOX, "", after.as_deref(), PAGE, Order::Ascending)
+            .await?;
+        let last = page.last().map(|i| i.sk.clone());
+        for item in &page {
+            match decode::<PendingStatus>(item) {
+                Ok(p) => each(Ok(p.value)),
+                Err(e) => {
+                    tracing::error!(error = %e, "outbox entry cannot be read; skipped");
+                    each(Err(()));
+                }
+            }
+        }
+        match last {
+            Some(sk) if page.len() == PAGE => after = Some(sk),
+            _ => return Ok(()),
+        }
     }
 }
 
