@@ -853,8 +853,9 @@ async fn bad_requests_name_the_field_and_missing_things_are_404() {
 }
 
 /// Buildkite refuses (422, its message passed on) or is unreachable (502): nothing is left
-/// claiming to be building or holding an environment, and a retry with the same
-/// Idempotency-Key runs again.
+/// claiming to be building, a refusal holds no environment, and a retry with the same
+/// Idempotency-Key runs again; a failure after which the build may exist leaves its record
+/// pending and creates no second build.
 #[tokio::test]
 async fn buildkite_refusals_and_outages_leave_nothing_half_done() {
     let h = Harness::start(sqlite()).await;
@@ -910,27 +911,38 @@ async fn buildkite_refusals_and_outages_leave_nothing_half_done() {
         a.body
     );
 
-    // 5xx from Buildkite: 502; the candidate is failed with the reason.
+    // 5xx from Buildkite: 502. Buildkite may have created the build all the same, and it is
+    // not (yet) to be found: the candidate stays pending, and a retry right away (any key) is
+    // told to wait rather than creating a second build.
+    let before = h.created_builds();
     h.bk.inject_fault(Fault::Status(503), 1);
+    let cut6 = json!({"commit": SHA, "branch": "main", "version": "6.0.0"});
     let a = h
-        .call(
-            "POST",
-            "/projects/web/releases",
-            Some(json!({"commit": SHA, "branch": "main", "version": "6.0.0"})),
-        )
+        .call("POST", "/projects/web/releases", Some(cut6.clone()))
         .await;
     assert_eq!(
         (a.status, s(&a.body["error"])),
         (StatusCode::BAD_GATEWAY, "buildkite_unavailable")
     );
+    assert!(s(&a.body["message"]).contains("not known"), "{}", a.body);
     let rel = h.call("GET", "/projects/web/releases/6.0.0", None).await;
-    assert_eq!(s(&rel.body["candidates"][0]["state"]), "failed");
+    assert_eq!(s(&rel.body["candidates"][0]["state"]), "pending");
+    let a = h.call("POST", "/projects/web/releases", Some(cut6)).await;
+    assert_eq!(
+        (a.status, s(&a.body["error"])),
+        (StatusCode::CONFLICT, "build_in_progress"),
+        "{}",
+        a.body
+    );
+    let rel = h.call("GET", "/projects/web/releases/6.0.0", None).await;
+    assert_eq!(rel.body["candidates"].as_array().map(Vec::len), Some(1));
+    assert_eq!(h.created_builds(), before);
 
-    // A deployment whose build cannot be created ends as `error` and frees the environment.
+    // A deployment Buildkite refuses ends as `error` and frees the environment.
     let c = h.built("7.0.0", SHA).await;
-    h.bk.inject_fault(Fault::DropConnection, 1);
+    h.bk.inject_fault(Fault::Status(422), 1);
     let a = h.deploy("staging", &c).await;
-    assert_eq!(a.status, StatusCode::BAD_GATEWAY, "{}", a.body);
+    assert_eq!(a.status, StatusCode::UNPROCESSABLE_ENTITY);
     let list = h
         .call(
             "GET",
@@ -945,12 +957,40 @@ async fn buildkite_refusals_and_outages_leave_nothing_half_done() {
         .call("GET", "/projects/web/environments/staging", None)
         .await;
     assert_eq!(env.body["active_deployment"], Value::Null);
-    h.bk.inject_fault(Fault::Status(422), 1);
-    let a = h.deploy("staging", &c).await;
-    assert_eq!(a.status, StatusCode::UNPROCESSABLE_ENTITY);
     // Buildkite is back: the deployment goes through.
     let a = h.deploy("staging", &c).await;
     assert_eq!(a.status, StatusCode::CREATED, "{}", a.body);
+
+    // A deployment whose request was dropped unanswered may have its build: it stays pending
+    // and keeps the environment, and asking again waits rather than creating a second build.
+    let h2 = Harness::start(sqlite()).await;
+    h2.project().await;
+    let c = h2.built("7.0.0", SHA).await;
+    let before = h2.created_builds();
+    h2.bk.inject_fault(Fault::DropConnection, 1);
+    let a = h2.deploy("staging", &c).await;
+    assert_eq!(a.status, StatusCode::BAD_GATEWAY, "{}", a.body);
+    let list = h2
+        .call(
+            "GET",
+            "/projects/web/environments/staging/deployments",
+            None,
+        )
+        .await;
+    let d = &list.body["items"][0];
+    assert_eq!(s(&d["status"]), "pending");
+    let env = h2
+        .call("GET", "/projects/web/environments/staging", None)
+        .await;
+    assert_eq!(env.body["active_deployment"]["id"], d["id"], "{}", env.body);
+    let a = h2.deploy("staging", &c).await;
+    assert_eq!(
+        (a.status, s(&a.body["error"])),
+        (StatusCode::CONFLICT, "build_in_progress"),
+        "{}",
+        a.body
+    );
+    assert_eq!(h2.created_builds(), before);
 
     // Buildkite not reachable at all (nothing listening).
     let down = Harness::start_with(sqlite(), |c| {
@@ -968,6 +1008,138 @@ async fn buildkite_refusals_and_outages_leave_nothing_half_done() {
     assert_eq!(a.status, StatusCode::BAD_GATEWAY, "{}", a.body);
     let rel = down.call("GET", "/projects/web/releases/0.1.0", None).await;
     assert_eq!(s(&rel.body["candidates"][0]["state"]), "failed");
+}
+
+/// Buildkite creates the build but its answer is lost (the connection drops after it acted):
+/// the same request finds the build by its meta-data instead of failing or creating another,
+/// and the candidate and the deployment are linked to it, so its progress moves them.
+#[tokio::test]
+async fn a_lost_answer_leaves_one_build_linked_per_cut_and_deployment() {
+    let h = Harness::start(sqlite()).await;
+    h.project().await;
+    h.bk.inject_fault(Fault::LoseAnswer, 1);
+    let a = h
+        .call(
+            "POST",
+            "/projects/web/releases",
+            Some(json!({"commit": SHA, "branch": "main", "version": "8.0.0"})),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::CREATED, "{}", a.body);
+    let created = h.bk.created_builds();
+    assert_eq!(created.len(), 1, "{created:?}");
+    let candidate = &a.body["candidate"];
+    assert_eq!(s(&candidate["version"]), "8.0.0-rc1");
+    assert_eq!(s(&candidate["state"]), "building");
+    assert_eq!(s(&candidate["build"]["id"]), created[0].id);
+    h.progress("web-release", created[0].number, BuildState::Passed)
+        .await;
+    let rel = h.call("GET", "/projects/web/releases/8.0.0", None).await;
+    assert_eq!(
+        s(&rel.body["candidates"][0]["state"]),
+        "built",
+        "{}",
+        rel.body
+    );
+
+    h.bk.inject_fault(Fault::LoseAnswer, 1);
+    let a = h.deploy("staging", "8.0.0-rc1").await;
+    assert_eq!(a.status, StatusCode::CREATED, "{}", a.body);
+    let created = h.bk.created_builds();
+    assert_eq!(created.len(), 2, "{created:?}");
+    let deploy_build = &created[1];
+    assert_eq!(deploy_build.pipeline, "web-deploy");
+    assert_eq!(s(&a.body["build"]["id"]), deploy_build.id);
+    h.progress("web-deploy", deploy_build.number, BuildState::Passed)
+        .await;
+    let id = s(&a.body["id"]);
+    let d = h
+        .call(
+            "GET",
+            &format!("/projects/web/environments/staging/deployments/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(s(&d.body["status"]), "success", "{}", d.body);
+    assert_eq!(h.created_builds(), 2);
+}
+
+/// Buildkite holds the create past the attempt's budget and applies it later: the request
+/// answers 502 with the record left pending; a retry meanwhile is told to wait; once the lease
+/// lapsed, the retry (a new call, as with a new Idempotency-Key) looks first, finds the build
+/// that landed late and links it. One build per cut and per deployment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_applied_late_is_found_by_the_retry() {
+    use kitebridge::release::model::{CandidateState, DeploymentStatus};
+    use kitebridge::release::service::{CutRequest, DeployRequest, ReleaseService};
+    let h = Harness::start(sqlite()).await;
+    h.project().await;
+    // The lease's 5/12 budget (2.5 s) ends before the HTTP timeout (3 s) and the late apply (4 s).
+    let lease = Duration::from_secs(6);
+    let service = ReleaseService::new(
+        std::sync::Arc::new(h.state.store.clone()),
+        h.state.buildkite.clone(),
+        Duration::from_secs(3600),
+    )
+    .with_build_lease(lease);
+    let late = Fault::ApplyLate {
+        delay: Duration::from_secs(4),
+    };
+
+    let cut = || -> CutRequest {
+        serde_json::from_value(json!({"commit": SHA, "branch": "main", "version": "9.0.0"}))
+            .unwrap()
+    };
+    h.bk.inject_fault(late.clone(), 1);
+    let started = tokio::time::Instant::now();
+    let e = service.cut("web", cut()).await.unwrap_err();
+    assert_eq!(e.status(), 502, "{e}");
+    assert!(e.to_string().contains("not known"), "{e}");
+    let e = service.cut("web", cut()).await.unwrap_err();
+    assert_eq!(e.kind(), "build_in_progress", "{e}");
+    tokio::time::sleep_until(started + lease + Duration::from_millis(300)).await;
+    let created = h.bk.created_builds();
+    assert_eq!(created.len(), 1, "it landed late: {created:?}");
+    let done = service.cut("web", cut()).await.unwrap();
+    assert_eq!(done.candidate.version, "9.0.0-rc1");
+    assert_eq!(done.candidate.state, CandidateState::Building);
+    assert_eq!(
+        done.candidate.build.map(|b| b.id),
+        Some(created[0].id.clone())
+    );
+    assert_eq!(done.candidate.error_message, None);
+    assert_eq!(h.created_builds(), 1);
+    h.progress("web-release", created[0].number, BuildState::Passed)
+        .await;
+
+    let deploy = || DeployRequest {
+        release_candidate_version: "9.0.0-rc1".into(),
+        force: false,
+    };
+    h.bk.inject_fault(late, 1);
+    let started = tokio::time::Instant::now();
+    let e = service
+        .deploy("web", "staging", deploy())
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), 502, "{e}");
+    let e = service
+        .deploy("web", "staging", deploy())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), "build_in_progress", "{e}");
+    tokio::time::sleep_until(started + lease + Duration::from_millis(300)).await;
+    let created = h.bk.created_builds();
+    assert_eq!(created.len(), 2, "{created:?}");
+    let d = service.deploy("web", "staging", deploy()).await.unwrap();
+    assert_eq!(d.build.map(|b| b.id), Some(created[1].id.clone()));
+    assert_eq!(d.status, DeploymentStatus::Pending);
+    let all = service
+        .list_deployments("web", "staging", None, 10)
+        .await
+        .unwrap();
+    assert_eq!(all.items.len(), 1, "the same deployment, resumed");
+    assert_eq!(h.created_builds(), 2);
 }
 
 #[tokio::test]

@@ -60,19 +60,23 @@ async fn world(store: Store, rules: Vec<Rule>) -> World {
             format!("ssh://git@bitbucket.example:7999/acme/{slug}.git"),
         ));
     }
+    let firer = Arc::new(firer(&bk, &store, rules));
+    World { bk, store, firer }
+}
+
+fn firer(bk: &FakeBuildkite, store: &Store, rules: Vec<Rule>) -> RuleFirer {
     let http = kitebridge::net::client(Duration::from_secs(5)).unwrap();
     let client = BuildkiteClient::new(
         http,
         url::Url::parse(&bk.url()).unwrap(),
         Secret::new(DEFAULT_BUILDKITE_TOKEN),
     );
-    let firer = Arc::new(RuleFirer::new(
+    RuleFirer::new(
         Arc::new(store.clone()),
         Some(client),
         rules,
         Some(ORG.to_owned()),
-    ));
-    World { bk, store, firer }
+    )
 }
 
 fn sqlite() -> Store {
@@ -277,6 +281,68 @@ async fn a_lost_answer_is_found_not_repeated(w: World) {
     }
 }
 
+/// The create answers 201 but the answer is lost: the same attempt finds the build.
+async fn a_lost_answer_is_found_at_once(w: World) {
+    let p = w.finished("web", "main", BuildState::Passed);
+    w.bk.inject_fault(Fault::LoseAnswer, 1);
+    let outcome = w
+        .firer
+        .handle(ORG, &p.build, Some(&p.pipeline))
+        .await
+        .unwrap();
+    let created = w.bk.created_builds();
+    assert_eq!(created.len(), 1, "{created:?}");
+    assert!(
+        matches!(outcome.as_slice(), [(_, FireOutcome::Fired(t))] if t["number"] == json!(created[0].number)),
+        "{outcome:?}"
+    );
+    w.observe(&p).await;
+    assert_eq!(w.bk.created_builds().len(), 1);
+}
+
+/// A create that waits out a rate limit (5.5 s) for longer than its claim's lease (4 s) would,
+/// if it ran on, let a second caller take the lapsed claim and fire again. The attempt is cut
+/// off at its budget (2.4 s) instead, keeps its claim until it lapses, and never sends again.
+async fn a_slow_attempt_cannot_fire_twice(w: World) {
+    let lease = Duration::from_secs(4);
+    let firer = firer(&w.bk, &w.store, vec![deploy_rule()]).with_claim_lease(lease);
+    let p = w.finished("web", "main", BuildState::Passed);
+    w.bk.inject_fault(
+        Fault::RateLimited {
+            retry_after_secs: 5,
+        },
+        1,
+    );
+    let started = tokio::time::Instant::now();
+    let outcome = firer
+        .handle(ORG, &p.build, Some(&p.pipeline))
+        .await
+        .unwrap();
+    assert!(
+        matches!(outcome.as_slice(), [(_, FireOutcome::Deferred(m))] if m.contains("cut off")),
+        "{outcome:?}"
+    );
+    assert!(started.elapsed() < lease, "{:?}", started.elapsed());
+    let later = || chrono::Utc::now() + chrono::Duration::hours(2);
+    // The claim outlives the cut-off attempt: no one else tries yet.
+    let s = firer.retry_pending_due(later()).await.unwrap();
+    assert_eq!((s.in_flight, s.fired), (1, 0), "{s:?}");
+    // Once it lapses, the next attempt looks first (nothing was created), then creates.
+    tokio::time::sleep_until(started + lease + Duration::from_millis(300)).await;
+    let s = firer.retry_pending_due(later()).await.unwrap();
+    assert_eq!(s.fired, 1, "{s:?}");
+    // Past the moment the cut-off attempt would have sent its create again.
+    tokio::time::sleep_until(started + Duration::from_secs(7)).await;
+    let created = w.bk.created_builds();
+    assert_eq!(created.len(), 1, "{created:?}");
+    match w.store.firing("deploy-web", &p.build.id).await.unwrap() {
+        Some(Firing::Fired { target, .. }) => {
+            assert_eq!(target["number"], json!(created[0].number))
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
 async fn stored_rules_fire_too(w: World) {
     let doc = json!({"rule": "pipeline.trigger_build.pipeline", "value": {
         "source_pipeline": "api", "target_pipeline": "web-deploy",
@@ -345,6 +411,8 @@ both_backends!(
     non_matching_builds_trigger_nothing,
     a_buildkite_failure_then_recovery_fires_once,
     a_lost_answer_is_found_not_repeated,
+    a_lost_answer_is_found_at_once,
+    a_slow_attempt_cannot_fire_twice,
     stored_rules_fire_too,
 );
 

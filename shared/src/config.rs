@@ -213,10 +213,11 @@ pub const DEFAULT_BITBUCKET_CLOUD_URL: &str = "https://api.bitbucket.org";
 pub const DEFAULT_DMS_URL: &str = "https://nosnch.in";
 
 impl Config {
-    /// Reads the process environment.
+    /// Reads the process environment, and checks the CA certificates it names.
     pub fn from_env() -> Result<Config, ConfigErrors> {
-        let vars: HashMap<String, String> = std::env::vars().collect();
-        Config::from_lookup(|name| vars.get(name).cloned())
+        let vars = process_env();
+        let lookup = |name: &str| vars.get(name).cloned();
+        with_problems(Config::from_lookup(lookup), ca_certificate_problems(lookup))
     }
 
     /// Reads the process environment, with the secret variables overlaid from the AWS Secrets
@@ -225,7 +226,7 @@ impl Config {
     pub async fn from_env_and_secrets_manager(
         sdk: &aws_config::SdkConfig,
     ) -> Result<Config, crate::Error> {
-        let vars: HashMap<String, String> = std::env::vars().collect();
+        let vars = process_env();
         if vars
             .get(SECRETS_ARN_VARIABLE)
             .is_none_or(|v| v.trim().is_empty())
@@ -233,6 +234,19 @@ impl Config {
             return Ok(Config::from_lookup(|name| vars.get(name).cloned())?);
         }
         Config::from_vars_and_secret(vars, &aws_sdk_secretsmanager::Client::new(sdk)).await
+    }
+
+    /// Fails, with every problem of the environment, when the CA certificates it names cannot
+    /// be loaded. Call it before anything builds an HTTPS client: the AWS SDK's panics when it
+    /// finds no CA certificate, and reqwest's says only "builder error".
+    pub fn check_ca_certificates_in_env() -> Result<(), ConfigErrors> {
+        let vars = process_env();
+        let lookup = |name: &str| vars.get(name).cloned();
+        let ca = ca_certificate_problems(lookup);
+        if ca.is_empty() {
+            return Ok(());
+        }
+        with_problems(Config::from_lookup(lookup), ca).map(|_| ())
     }
 
     /// `vars`, with the secret variables overlaid from the Secrets Manager secret named by
@@ -468,6 +482,82 @@ impl Config {
     }
 }
 
+/// The process environment. A variable that is not UTF-8 is read lossily rather than panicking
+/// (as `std::env::vars` would); a value mangled that way is then refused by its own check.
+fn process_env() -> HashMap<String, String> {
+    std::env::vars_os()
+        .map(|(k, v)| {
+            (
+                k.to_string_lossy().into_owned(),
+                v.to_string_lossy().into_owned(),
+            )
+        })
+        .collect()
+}
+
+/// `parsed`, failing with `more` problems added to its own.
+fn with_problems(
+    parsed: Result<Config, ConfigErrors>,
+    more: Vec<ConfigError>,
+) -> Result<Config, ConfigErrors> {
+    match parsed {
+        Ok(config) if more.is_empty() => Ok(config),
+        Ok(_) => Err(ConfigErrors(more)),
+        Err(ConfigErrors(mut errors)) => {
+            errors.extend(more);
+            Err(ConfigErrors(errors))
+        }
+    }
+}
+
+/// A PEM bundle of CA certificates that replaces the system's (read by rustls, for both
+/// kitebridge's HTTP client and the AWS SDK's).
+pub const CA_FILE_VARIABLE: &str = "SSL_CERT_FILE";
+/// Directories of CA certificates, separated by `:` (read by rustls like [`CA_FILE_VARIABLE`]).
+pub const CA_DIR_VARIABLE: &str = "SSL_CERT_DIR";
+
+/// What is wrong with the CA certificates `SSL_CERT_FILE` and `SSL_CERT_DIR` name, if set.
+///
+/// rustls only logs a warning for an unreadable file or directory, and then either fails with
+/// "No CA certificates were loaded from the system" (which reqwest reports as "builder error")
+/// or, when the other variable supplies some, quietly trusts less than the user asked for.
+/// Both become a start-up error naming the variable. The paths are shown: they are not secrets.
+pub fn ca_certificate_problems(lookup: impl Fn(&str) -> Option<String>) -> Vec<ConfigError> {
+    let mut errors = Vec::new();
+    if let Some(file) = lookup(CA_FILE_VARIABLE) {
+        let problem = if file.trim().is_empty() {
+            Some("set but empty; unset it to use the system's CA certificates".to_string())
+        } else {
+            match std::fs::read(&file) {
+                Err(e) => Some(format!("cannot read the CA bundle `{file}`: {e}")),
+                Ok(pem) => match reqwest::Certificate::from_pem_bundle(&pem) {
+                    Ok(certs) if !certs.is_empty() => None,
+                    _ => Some(format!(
+                        "`{file}` holds no PEM certificate (`-----BEGIN CERTIFICATE-----`)"
+                    )),
+                },
+            }
+        };
+        if let Some(problem) = problem {
+            errors.push(ConfigError {
+                variable: CA_FILE_VARIABLE,
+                problem,
+            });
+        }
+    }
+    if let Some(dirs) = lookup(CA_DIR_VARIABLE) {
+        for dir in std::env::split_paths(&dirs).filter(|d| !d.as_os_str().is_empty()) {
+            if let Err(e) = std::fs::read_dir(&dir) {
+                errors.push(ConfigError {
+                    variable: CA_DIR_VARIABLE,
+                    problem: format!("cannot read the directory `{}`: {e}", dir.display()),
+                });
+            }
+        }
+    }
+    errors
+}
+
 /// Overlays the secret variables found in a Secrets Manager secret string (a JSON object of
 /// variable name to value) onto `vars`. Keys that are not secret variables are refused, so the
 /// secret cannot silently change behaviour.
@@ -475,23 +565,50 @@ pub fn overlay_secrets(
     vars: &mut HashMap<String, String>,
     secret_json: &str,
 ) -> Result<(), ConfigErrors> {
-    let parsed: serde_json::Map<String, serde_json::Value> = serde_json::from_str(secret_json)
-        .map_err(|e| {
-            ConfigErrors(vec![ConfigError {
-                variable: SECRETS_ARN_VARIABLE,
-                // The serde error names a position, never the secret's content.
-                problem: format!(
-                    "the secret must be a JSON object of variable names to strings ({e})"
-                ),
-            }])
-        })?;
+    const EXPECTED: &str = "the secret must be a JSON object of variable names to strings";
+    let refuse = |problem: String| {
+        ConfigErrors(vec![ConfigError {
+            variable: SECRETS_ARN_VARIABLE,
+            problem,
+        }])
+    };
+    // serde's messages quote what they found ("invalid type: string \"hunter2\""), so only the
+    // kind of problem and its position are kept, and the shape found is named, never shown.
+    let parsed: serde_json::Value = serde_json::from_str(secret_json).map_err(|e| {
+        refuse(format!(
+            "{EXPECTED}; it is not valid JSON (line {}, column {})",
+            e.line(),
+            e.column()
+        ))
+    })?;
+    let parsed = match parsed {
+        serde_json::Value::Object(map) => map,
+        other => {
+            let found = match other {
+                serde_json::Value::Null => "null",
+                serde_json::Value::Bool(_) => "a boolean",
+                serde_json::Value::Number(_) => "a number",
+                serde_json::Value::String(_) => "a JSON string",
+                serde_json::Value::Array(_) => "an array",
+                serde_json::Value::Object(_) => "an object",
+            };
+            return Err(refuse(format!("{EXPECTED}; found {found}")));
+        }
+    };
     let mut errors = Vec::new();
     for (key, value) in parsed {
         let Some(&name) = SECRET_VARIABLES.iter().find(|n| **n == key) else {
+            // A key that looks like a variable name is shown (the usual slip: a non-secret
+            // variable put in the secret); anything else may be a value pasted as a key.
+            let shown = if is_variable_name(&key) {
+                format!("`{key}`")
+            } else {
+                "that is not a variable name".to_string()
+            };
             errors.push(ConfigError {
                 variable: SECRETS_ARN_VARIABLE,
                 problem: format!(
-                    "the secret has key `{key}`, which is not one of {}",
+                    "the secret has a key {shown}; the keys must be among {}",
                     SECRET_VARIABLES.join(", ")
                 ),
             });
@@ -519,6 +636,33 @@ fn default_url(s: &str) -> Url {
     // the unit tests, so fall back to a harmless value rather than panic at run time.
     Url::parse(s)
         .unwrap_or_else(|_| Url::parse("http://127.0.0.1/").unwrap_or_else(|_| unreachable!()))
+}
+
+fn is_variable_name(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.starts_with(|c: char| c.is_ascii_uppercase())
+        && s.chars()
+            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+}
+
+/// `raw` (a value that did not parse as a URL) fit to quote in an error: anything that may be
+/// credentials (before the last `@`) or a token in the query or fragment is replaced. The
+/// authority's end cannot be trusted in a malformed value (a password may hold `/`), so
+/// everything up to the last `@` goes.
+fn redact_url(raw: &str) -> String {
+    let (scheme, rest) = match raw.find("://") {
+        Some(i) => raw.split_at(i + 3),
+        None => ("", raw),
+    };
+    let rest = match rest.rfind('@') {
+        Some(i) => format!("***{}", &rest[i..]),
+        None => rest.to_string(),
+    };
+    let rest = match rest.find(['?', '#']) {
+        Some(i) => format!("{}{}***", &rest[..i], &rest[i..=i]),
+        None => rest,
+    };
+    format!("{scheme}{rest}")
 }
 
 fn is_slug(s: &str) -> bool {
@@ -594,7 +738,8 @@ impl<F: Fn(&str) -> Option<String>> Parser<'_, F> {
                 Some(normalize_base(u))
             }
             _ => {
-                self.error(name, format!("expected an http(s) URL, got `{raw}`"));
+                let shown = redact_url(&raw);
+                self.error(name, format!("expected an http(s) URL, got `{shown}`"));
                 None
             }
         }
@@ -933,5 +1078,124 @@ mod tests {
         assert!(err.to_string().contains("BITBUCKET_URL"));
         let err = overlay_secrets(&mut vars, "not json supersecret").unwrap_err();
         assert!(!err.to_string().contains("supersecret"));
+    }
+
+    #[test]
+    fn secrets_manager_errors_name_the_shape_never_the_content() {
+        let mut vars = HashMap::new();
+        for (secret, found) in [
+            (r#""hunter2-supersecret""#, "found a JSON string"),
+            (r#"["hunter2-supersecret"]"#, "found an array"),
+            ("4242424242", "found a number"),
+            ("null", "found null"),
+            (
+                r#"{"BITBUCKET_PASSWORD": "hunter2-supersecret""#,
+                "not valid JSON",
+            ),
+            (
+                r#"{"hunter2-supersecret": "x"}"#,
+                "a key that is not a variable name",
+            ),
+            (
+                r#"{"BITBUCKET_PASSWORD": ["hunter2-supersecret"]}"#,
+                "must be a string",
+            ),
+        ] {
+            let text = overlay_secrets(&mut vars, secret).unwrap_err().to_string();
+            assert!(text.contains(found), "{secret}: {text}");
+            assert!(text.contains(SECRETS_ARN_VARIABLE), "{text}");
+            assert!(
+                !text.contains("hunter2") && !text.contains("4242"),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn malformed_urls_are_quoted_without_credentials_or_query() {
+        for (raw, kept) in [
+            ("https://ci:pa ss-supersecret@bitbucket.example.com", ""),
+            (
+                "ci:supersecret@bitbucket.example.com",
+                "@bitbucket.example.com",
+            ),
+            (
+                "https://ci:pass/supersecret@bb.example.com/x",
+                "https://***@bb.example.com/x",
+            ),
+            (
+                "https://ci:supersecret@bb example.com",
+                "https://***@bb example.com",
+            ),
+            (
+                "htps://bb.example.com/?token=supersecret#x",
+                "htps://bb.example.com/?***",
+            ),
+            ("bitbucket.example.com", "got `bitbucket.example.com`"),
+        ] {
+            let err = config(&[("BITBUCKET_URL", raw)]).unwrap_err();
+            let text = err.to_string();
+            assert_eq!(err.0[0].variable, "BITBUCKET_URL", "{text}");
+            assert!(!text.contains("supersecret"), "{raw}: {text}");
+            assert!(text.contains(kept), "{raw}: {text}");
+        }
+    }
+
+    /// A public root (ISRG Root X2), only ever parsed here.
+    const PEM: &str = "-----BEGIN CERTIFICATE-----
+MIICGzCCAaGgAwIBAgIQQdKd0XLq7qeAwSxs6S+HUjAKBggqhkjOPQQDAzBPMQsw
+CQYDVQQGEwJVUzEpMCcGA1UEChMgSW50ZXJuZXQgU2VjdXJpdHkgUmVzZWFyY2gg
+R3JvdXAxFTATBgNVBAMTDElTUkcgUm9vdCBYMjAeFw0yMDA5MDQwMDAwMDBaFw00
+MDA5MTcxNjAwMDBaME8xCzAJBgNVBAYTAlVTMSkwJwYDVQQKEyBJbnRlcm5ldCBT
+ZWN1cml0eSBSZXNlYXJjaCBHcm91cDEVMBMGA1UEAxMMSVNSRyBSb290IFgyMHYw
+EAYHKoZIzj0CAQYFK4EEACIDYgAEzZvVn4CDCuwJSvMWSj5cz3es3mcFDR0HttwW
++1qLFNvicWDEukWVEYmO6gbf9yoWHKS5xcUy4APgHoIYOIvXRdgKam7mAHf7AlF9
+ItgKbppbd9/w+kHsOdx1ymgHDB/qo0IwQDAOBgNVHQ8BAf8EBAMCAQYwDwYDVR0T
+AQH/BAUwAwEB/zAdBgNVHQ4EFgQUfEKWrt5LSDv6kviejM9ti6lyN5UwCgYIKoZI
+zj0EAwMDaAAwZQIwe3lORlCEwkSHRhtFcP9Ymd70/aTSVaYgLXTWNLxBo1BfASdW
+tL4ndQavEi51mI38AjEAi/V3bNTIZargCyzuFJ0nN6T5U6VR5CmD1/iQMVtCnwr1
+/q4AaOeMSQ+2b1tbFfLn
+-----END CERTIFICATE-----
+";
+
+    #[test]
+    fn ca_certificate_variables_are_checked_and_named() {
+        let dir = std::env::temp_dir().join(format!("kitebridge-ca-{}", ulid::Ulid::new()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.pem");
+        std::fs::write(&good, PEM).unwrap();
+        let junk = dir.join("junk.pem");
+        std::fs::write(&junk, "not a certificate").unwrap();
+        let missing = dir.join("missing.pem");
+        let path = |p: &std::path::Path| p.display().to_string();
+        let check = |pairs: &[(&str, String)]| {
+            ca_certificate_problems(|n| pairs.iter().find(|(k, _)| *k == n).map(|(_, v)| v.clone()))
+        };
+
+        assert_eq!(check(&[]), vec![]);
+        assert_eq!(check(&[(CA_FILE_VARIABLE, path(&good))]), vec![]);
+        assert_eq!(check(&[(CA_DIR_VARIABLE, path(&dir))]), vec![]);
+        for (value, says) in [
+            (path(&missing), "cannot read the CA bundle"),
+            (path(&dir), "cannot read the CA bundle"),
+            (path(&junk), "holds no PEM certificate"),
+            (" ".to_string(), "set but empty"),
+        ] {
+            let problems = check(&[(CA_FILE_VARIABLE, value.clone())]);
+            assert_eq!(problems.len(), 1, "{value}: {problems:?}");
+            assert_eq!(problems[0].variable, "SSL_CERT_FILE");
+            assert!(problems[0].problem.contains(says), "{problems:?}");
+        }
+        let problems = check(&[(
+            CA_DIR_VARIABLE,
+            format!("{}:{}", path(&dir), path(&missing)),
+        )]);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].variable, "SSL_CERT_DIR");
+        assert!(
+            problems[0].problem.contains(&path(&missing)),
+            "{problems:?}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -9,7 +9,8 @@ use reqwest::header::HeaderMap;
 use reqwest::{Client, RequestBuilder, Response, StatusCode};
 
 /// Builds the shared client. TLS roots come from the platform (so a corporate CA installed on
-/// the host is trusted, as Bitbucket Server behind a firewall often needs).
+/// the host is trusted, as Bitbucket Server behind a firewall often needs), or from
+/// `SSL_CERT_FILE` / `SSL_CERT_DIR` when set.
 pub fn client(timeout: Duration) -> Result<Client, crate::Error> {
     Client::builder()
         .timeout(timeout)
@@ -17,7 +18,17 @@ pub fn client(timeout: Duration) -> Result<Client, crate::Error> {
         .pool_idle_timeout(Duration::from_secs(60))
         .user_agent(concat!("kitebridge/", env!("CARGO_PKG_VERSION")))
         .build()
-        .map_err(|e| crate::Error::Startup(format!("cannot build the HTTP client: {e}")))
+        // reqwest's own text is only "builder error"; the cause is in its source chain. With
+        // nothing but timeouts set, building can only fail at loading the CA certificates.
+        .map_err(|e| {
+            crate::Error::Startup(format!(
+                "cannot set up TLS for the HTTP client (CA certificates come from \
+                 {} or {} when set, else from the system's store): {}",
+                crate::config::CA_FILE_VARIABLE,
+                crate::config::CA_DIR_VARIABLE,
+                error_chain(&e)
+            ))
+        })
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -110,3 +110,67 @@ async fn a_cut_triggers_a_build_through_the_lambda_binary() {
         );
     }
 }
+
+/// A CA bundle that cannot be read is a start-up error naming `SSL_CERT_FILE` (not reqwest's
+/// "builder error", nor a TLS failure while fetching the secret), reported to the Runtime API
+/// although TLS cannot be set up; malformed URLs are quoted without their credentials.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_ca_bundle_is_named_and_no_secret_is_echoed() {
+    use kitebridge_tests::lambda::{LambdaProcess, RuntimeApi, lambda_environment};
+    let api = RuntimeApi::start().await;
+    let mut env = lambda_environment(&api, "releases");
+    env.extend(
+        [
+            ("KITEBRIDGE_TABLE", "kitebridge"),
+            ("AWS_ENDPOINT_URL", "http://127.0.0.1:9"),
+            (
+                "KITEBRIDGE_SECRETS_ARN",
+                "arn:aws:secretsmanager:us-east-1:123456789012:secret:kitebridge",
+            ),
+            ("SSL_CERT_FILE", "/nonexistent/kitebridge/ca-bundle.pem"),
+            ("BUILDKITE_API_TOKEN", "bk-token-do-not-log"),
+            ("KITEBRIDGE_API_TOKEN", API_TOKEN),
+            // Refused as credentials in a URL, and unparsable (so quoted, redacted).
+            (
+                "BITBUCKET_URL",
+                "https://svc:pa ss-do-not-log@bitbucket.example.com",
+            ),
+            (
+                "BUILDKITE_API_URL",
+                "https://svc:pass/do-not-log@[api.buildkite.example",
+            ),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    let mut process = LambdaProcess::spawn(Path::new(env!("CARGO_BIN_EXE_releases")), &env);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = process.exited() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "it kept running");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(status.code(), Some(1));
+    assert!(api.first_next().is_none(), "it asked for events");
+    let report = api
+        .init_error()
+        .expect("an init error reported to the Runtime API");
+    assert_eq!(
+        report["errorType"], "Runtime.ConfigurationError",
+        "{report}"
+    );
+    let message = report["errorMessage"].as_str().unwrap_or_default();
+    let output = process.stop().output.join("\n");
+    for text in [message, output.as_str()] {
+        assert!(
+            text.contains("SSL_CERT_FILE: cannot read the CA bundle"),
+            "{text}"
+        );
+        assert!(text.contains("BITBUCKET_URL"), "{text}");
+        assert!(text.contains("BUILDKITE_API_URL"), "{text}");
+        assert!(!text.contains("builder error"), "{text}");
+        assert!(!text.contains("do-not-log"), "a secret was echoed: {text}");
+        assert!(!text.contains(API_TOKEN), "a secret was echoed: {text}");
+    }
+}

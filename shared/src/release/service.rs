@@ -8,16 +8,34 @@
 //! environment's lock is reserved even when two requests race. The record starts in a state
 //! that claims nothing (`pending`); only once Buildkite answered 201 and the build is linked
 //! does a candidate become `building` (a deployment is moved by its build's own states).
-//! When Buildkite refuses (4xx) or cannot be reached (5xx, timeout), the record is finished at
-//! once as a failure with the reason (`failed` candidate, `error` deployment, which also
-//! releases the environment), and the error is returned (422 / 502). A retry then cuts the
-//! next candidate (or deploys again); nothing stays `building` or locked.
+//! When Buildkite certainly created nothing (it refused with a 4xx, or the connection was
+//! refused), the record is finished at once as a failure with the reason (`failed` candidate,
+//! `error` deployment, which also releases the environment), and the error is returned (422 /
+//! 502). A retry then cuts the next candidate (or deploys again); nothing stays `building` or
+//! locked.
+//!
+//! # One cut or deployment, one build
+//!
+//! A request Buildkite may have acted on although kitebridge never saw the answer (a timeout, a
+//! connection lost mid-request, a 5xx) follows the trigger rules' discipline
+//! ([`crate::rules::fire`]): the record written before the request is the write-ahead mark, and
+//! the build is looked up by its meta-data ([`META_CANDIDATE`], [`META_DEPLOYMENT`]) among the
+//! builds of its pipeline created since the record. It is looked up at once; if it is not (yet)
+//! there, the record stays `pending` (kitebridge does not know whether the build exists, and a
+//! pending deployment keeps its environment), the answer is a 502 saying so, and the next call
+//! that would cut the same version at the same commit and branch, or deploy the same candidate
+//! to the same environment, whatever its Idempotency-Key, resumes that record: it looks for the
+//! build first and creates it only if it is not there. The requests for one record's build are
+//! serialised by a store lease ([`BUILD_CLAIM_LEASE`]), so concurrent calls cannot both create
+//! it; an attempt is cut off at [`BUILD_ATTEMPT_BUDGET`], well inside the lease. After a failure
+//! that leaves the build unknown the lease is kept until it lapses (a retry meanwhile is told to
+//! wait, 409 `build_in_progress`), so a request Buildkite applies late lands before anyone looks.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -33,7 +51,8 @@ use super::version::{self, Bump};
 use crate::buildkite::Build;
 use crate::buildkite::client::{BuildkiteClient, BuildkiteError};
 use crate::net::SendError;
-use crate::store::{Page, ReleaseStore, StoreError, Versioned};
+use crate::rules::fire::{create_or_find, find_build, may_have_acted};
+use crate::store::{IdempotencyBegin, IdempotencyStore, Page, ReleaseStore, StoreError, Versioned};
 
 /// Read-decide-write attempts before giving up with [`ReleaseError::Contention`]. Each lost
 /// attempt means another request made progress (e.g. took the version being cut).
@@ -42,6 +61,57 @@ const ATTEMPTS: usize = 32;
 /// Buildkite meta-data keys that tie a build back to what kitebridge created it for.
 pub const META_CANDIDATE: &str = "kitebridge:candidate";
 pub const META_DEPLOYMENT: &str = "kitebridge:deployment";
+
+/// Store scope of the leases that serialise the requests for one record's build, keyed by the
+/// value of its meta-data.
+const BUILD_CLAIM_SCOPE: &str = "release-build";
+/// How long a build request holds its record's lease.
+pub const BUILD_CLAIM_LEASE: Duration = Duration::from_secs(60);
+/// Longest one attempt at a build runs (below API Gateway's 30 s, so the caller gets the answer);
+/// the 35 s left of the lease are the margin for a request Buildkite applies late.
+pub const BUILD_ATTEMPT_BUDGET: Duration = build_attempt_budget(BUILD_CLAIM_LEASE);
+
+/// 5/12 of `lease` (25 s of 60 s).
+const fn build_attempt_budget(lease: Duration) -> Duration {
+    Duration::from_millis((lease.as_millis() as u64).saturating_mul(5) / 12)
+}
+/// What a 502 says when the build may exist.
+const BUILD_UNKNOWN: &str = "whether Buildkite created the build is not known; the record stays \
+    pending, and a retry of this request looks for the build before creating one";
+
+/// The store capabilities the service needs: the releases, and leases for build requests.
+pub trait ReleaseBackend: ReleaseStore + IdempotencyStore {}
+impl<T: ReleaseStore + IdempotencyStore> ReleaseBackend for T {}
+
+/// How one build request ended.
+enum BuildOutcome {
+    /// The build exists: created now, or found, created by an earlier request.
+    Started(Box<Build>),
+    /// Buildkite certainly created nothing: the record may be finished as a failure.
+    NotCreated(ReleaseError),
+    /// The build may exist, or appear later: the record stays pending.
+    Unknown(ReleaseError),
+    /// Another call is requesting this build right now: the record is its to finish.
+    Busy(ReleaseError),
+}
+
+/// Whether a record still without a build was left so by an attempt that ended without
+/// knowing whether the build exists (it noted why), or by one that is over by now (the process
+/// died): then a new call for the same thing resumes it. A record younger than the lease with
+/// no note is still being requested, and a racing call for the same thing is a call of its own.
+fn left_unknown(error_message: Option<&str>, created_at: DateTime<Utc>, lease: Duration) -> bool {
+    error_message.is_some()
+        || chrono::Duration::from_std(lease).is_ok_and(|lease| created_at + lease < Utc::now())
+}
+
+/// Whether a cut at `commit` and `branch` is a retry of the cut that left `c` without a build.
+fn resumes_candidate(c: &Candidate, commit: &str, branch: &str, lease: Duration) -> bool {
+    c.state == CandidateState::Pending
+        && c.build.is_none()
+        && c.commit == commit
+        && c.branch == branch
+        && left_unknown(c.error_message.as_deref(), c.created_at, lease)
+}
 
 /// Why a releases request failed, as the API reports it.
 #[derive(Debug, thiserror::Error)]
@@ -543,14 +613,15 @@ pub struct StatusUpdate {
 /// The releases API's operations over a store and (optionally) Buildkite.
 #[derive(Clone)]
 pub struct ReleaseService {
-    store: Arc<dyn ReleaseStore>,
+    store: Arc<dyn ReleaseBackend>,
     buildkite: Option<BuildkiteClient>,
     deployment_timeout: Duration,
+    build_lease: Duration,
 }
 
 impl ReleaseService {
     pub fn new(
-        store: Arc<dyn ReleaseStore>,
+        store: Arc<dyn ReleaseBackend>,
         buildkite: Option<BuildkiteClient>,
         deployment_timeout: Duration,
     ) -> Self {
@@ -558,7 +629,15 @@ impl ReleaseService {
             store,
             buildkite,
             deployment_timeout,
+            build_lease: BUILD_CLAIM_LEASE,
         }
+    }
+
+    /// The same service with build-request leases of `lease` (attempts cut off at 5/12 of it)
+    /// instead of [`BUILD_CLAIM_LEASE`]; tests use short ones.
+    pub fn with_build_lease(mut self, lease: Duration) -> Self {
+        self.build_lease = lease;
+        self
     }
 
     // --- projects ----------------------------------------------------------------------------
@@ -637,7 +716,8 @@ impl ReleaseService {
             // "Not configured": the cut counts as built at once.
             CandidateState::Built
         };
-        let Cut { release, candidate } = self.reserve(&project, &req, &commit, initial).await?;
+        let (Cut { release, candidate }, resumed) =
+            self.reserve(&project, &req, &commit, initial).await?;
         let Some(pipeline) = &project.build_pipeline else {
             return Ok(Cut { release, candidate });
         };
@@ -652,13 +732,14 @@ impl ReleaseService {
             "AVIATOR_RELEASE_CUT_COMMIT_HASH".into(),
             candidate.commit.clone(),
         );
+        let meta = format!("{}/{}", project.name, candidate.version);
         let body = json!({
             "commit": candidate.commit,
             "branch": candidate.branch,
             "message": format!("Release {} ({})", candidate.version, project.name),
             "env": env,
             "meta_data": {
-                META_CANDIDATE: format!("{}/{}", project.name, candidate.version),
+                META_CANDIDATE: meta,
                 "release-version": candidate.version,
             },
         });
@@ -667,8 +748,17 @@ impl ReleaseService {
             candidate.release_version.clone(),
             candidate.number,
         );
-        match self.create_build(pipeline, &body).await {
-            Ok(build) => {
+        let outcome = self
+            .request_build(
+                pipeline,
+                &body,
+                (META_CANDIDATE, &meta),
+                candidate.created_at,
+                resumed,
+            )
+            .await?;
+        match outcome {
+            BuildOutcome::Started(build) => {
                 let link = BuildLink::Candidate {
                     project: p.clone(),
                     release_version: v.clone(),
@@ -687,7 +777,23 @@ impl ReleaseService {
                     candidate: started.unwrap_or(candidate),
                 })
             }
-            Err(e) => {
+            BuildOutcome::Unknown(e) => {
+                let reason = e.to_string();
+                let noted = update_candidate_with(self.store.as_ref(), &p, &v, n, |c| {
+                    (c.state == CandidateState::Pending && c.build.is_none()).then(|| {
+                        let mut u = c.clone();
+                        u.error_message = Some(reason.clone());
+                        u.updated_at = Utc::now();
+                        u
+                    })
+                })
+                .await;
+                tracing::warn!(project = p, candidate = candidate.version, error = %e,
+                    noted = noted.is_ok(), "the candidate's build may exist; it stays pending");
+                Err(e)
+            }
+            BuildOutcome::Busy(e) => Err(e),
+            BuildOutcome::NotCreated(e) => {
                 let reason = e.to_string();
                 let marked = update_candidate_with(self.store.as_ref(), &p, &v, n, |c| {
                     (c.state == CandidateState::Pending).then(|| {
@@ -709,14 +815,17 @@ impl ReleaseService {
     }
 
     /// Writes the release and its first candidate, or the next candidate of an existing
-    /// version, retrying when a concurrent cut took the version or the number.
+    /// version, retrying when a concurrent cut took the version or the number. `true` with a
+    /// candidate left without a build by an earlier cut of the same commit and branch (and the
+    /// same version, when one is given), which this cut resumes instead.
     async fn reserve(
         &self,
         project: &Project,
         req: &CutRequest,
         commit: &str,
         initial: CandidateState,
-    ) -> Result<Cut> {
+    ) -> Result<(Cut, bool)> {
+        let resumable = initial == CandidateState::Pending;
         let mut taken: Vec<String> = Vec::new();
         let mut recent: Option<Vec<String>> = None;
         for _ in 0..ATTEMPTS {
@@ -726,6 +835,31 @@ impl ReleaseService {
                 None => {
                     if recent.is_none() {
                         let page = self.store.list_releases(&project.name, None, 100).await?;
+                        // A cut without a version whose build may exist is retried as a cut
+                        // of the newest release; it must not become the next version.
+                        let newest = page.items.iter().max_by_key(|r| r.created_at);
+                        if resumable && let Some(newest) = newest {
+                            let latest = self
+                                .store
+                                .candidates(&project.name, &newest.version)
+                                .await?
+                                .into_iter()
+                                .max_by_key(|c| c.value.number);
+                            if let Some(c) = latest
+                                && resumes_candidate(
+                                    &c.value,
+                                    commit,
+                                    &req.branch,
+                                    self.build_lease,
+                                )
+                            {
+                                let cut = Cut {
+                                    release: newest.clone(),
+                                    candidate: c.value,
+                                };
+                                return Ok((cut, true));
+                            }
+                        }
                         recent = Some(page.items.into_iter().map(|r| r.version).collect());
                     }
                     let mut seen = recent.clone().unwrap_or_default();
@@ -753,22 +887,32 @@ impl ReleaseService {
                     taken.push(version);
                     continue;
                 }
-                let number = self
+                let latest = self
                     .store
                     .candidates(&project.name, &version)
                     .await?
-                    .iter()
-                    .map(|c| c.value.number)
-                    .max()
-                    .unwrap_or(0)
-                    + 1;
+                    .into_iter()
+                    .max_by_key(|c| c.value.number)
+                    .map(|c| c.value);
+                if resumable
+                    && let Some(c) = &latest
+                    && resumes_candidate(c, commit, &req.branch, self.build_lease)
+                {
+                    let cut = Cut {
+                        release: existing,
+                        candidate: c.clone(),
+                    };
+                    return Ok((cut, true));
+                }
+                let number = latest.map_or(0, |c| c.number) + 1;
                 let c = candidate(number, ulid::Ulid::new().to_string());
                 match self.store.add_candidate(&c).await {
                     Ok(()) => {
-                        return Ok(Cut {
+                        let cut = Cut {
                             release: existing,
                             candidate: c,
-                        });
+                        };
+                        return Ok((cut, false));
                     }
                     Err(StoreError::Conflict) => continue,
                     Err(e) => return Err(e.into()),
@@ -786,10 +930,11 @@ impl ReleaseService {
             let c = candidate(1, cut_id);
             match self.store.create_release(&release, &c).await {
                 Ok(()) => {
-                    return Ok(Cut {
+                    let cut = Cut {
                         release,
                         candidate: c,
-                    });
+                    };
+                    return Ok((cut, false));
                 }
                 Err(StoreError::Conflict) => {
                     if req.version.is_none() {
@@ -1048,6 +1193,23 @@ impl ReleaseService {
                         .await?;
                         continue;
                     }
+                    // The same deployment asked again after its build request went unanswered:
+                    // resume it rather than refuse (or, once it is expired, start another).
+                    Some(d)
+                        if env.deploy_pipeline.is_some()
+                            && d.value.status == DeploymentStatus::Pending
+                            && d.value.build.is_none()
+                            && d.value.candidate_version == c.version
+                            && d.value.rollback == rollback
+                            && left_unknown(
+                                d.value.error_message.as_deref(),
+                                d.value.created_at,
+                                self.build_lease,
+                            ) =>
+                    {
+                        created = Some((d.value, true));
+                        break;
+                    }
                     Some(d) if !d.value.status.is_terminal() => {
                         return Err(ReleaseError::conflict(
                             "deployment_in_progress",
@@ -1110,14 +1272,14 @@ impl ReleaseService {
                 .await
             {
                 Ok(()) => {
-                    created = Some(d);
+                    created = Some((d, false));
                     break;
                 }
                 Err(StoreError::Conflict) => continue,
                 Err(e) => return Err(e.into()),
             }
         }
-        let d = created.ok_or(ReleaseError::Contention)?;
+        let (d, resumed) = created.ok_or(ReleaseError::Contention)?;
         let Some(pipeline) = &env.deploy_pipeline else {
             return Ok(d);
         };
@@ -1129,6 +1291,7 @@ impl ReleaseService {
             c.version.clone(),
         );
         vars.insert("AVIATOR_RELEASE_CUT_COMMIT_HASH".into(), c.commit.clone());
+        let meta = format!("{}/{}/{}", p.name, env.name, d.id);
         let body = json!({
             "commit": c.commit,
             "branch": c.branch,
@@ -1139,12 +1302,21 @@ impl ReleaseService {
             ),
             "env": vars,
             "meta_data": {
-                META_DEPLOYMENT: format!("{}/{}/{}", p.name, env.name, d.id),
+                META_DEPLOYMENT: meta,
                 "release-version": c.version,
             },
         });
-        match self.create_build(pipeline, &body).await {
-            Ok(build) => {
+        let outcome = self
+            .request_build(
+                pipeline,
+                &body,
+                (META_DEPLOYMENT, &meta),
+                d.created_at,
+                resumed,
+            )
+            .await?;
+        match outcome {
+            BuildOutcome::Started(build) => {
                 let link = BuildLink::Deployment {
                     project: p.name.clone(),
                     environment: env.name.clone(),
@@ -1159,7 +1331,26 @@ impl ReleaseService {
                     .await?;
                 Ok(started.unwrap_or(d))
             }
-            Err(e) => {
+            BuildOutcome::Unknown(e) => {
+                let reason = e.to_string();
+                let noted =
+                    update_deployment_with(self.store.as_ref(), &p.name, &env.name, &d.id, |cur| {
+                        (cur.status == DeploymentStatus::Pending && cur.build.is_none()).then(
+                            || {
+                                let mut u = cur.clone();
+                                u.error_message = Some(reason.clone());
+                                u.updated_at = Utc::now();
+                                u
+                            },
+                        )
+                    })
+                    .await;
+                tracing::warn!(project = p.name, environment = env.name, deployment = d.id,
+                    error = %e, noted = noted.is_ok(), "the deployment's build may exist; it stays pending");
+                Err(e)
+            }
+            BuildOutcome::Busy(e) => Err(e),
+            BuildOutcome::NotCreated(e) => {
                 let reason = e.to_string();
                 let released =
                     update_deployment_with(self.store.as_ref(), &p.name, &env.name, &d.id, |cur| {
@@ -1396,11 +1587,82 @@ impl ReleaseService {
         })
     }
 
-    async fn create_build(&self, pipeline: &PipelineRef, body: &Value) -> Result<Build> {
-        self.buildkite()?
-            .create_build::<Build>(&pipeline.organization, &pipeline.pipeline, body)
+    /// Gets the build of one record (see the module docs): under the record's lease, looks for
+    /// it first when an earlier request may have made it (`resumed`), else creates it, looking
+    /// for it after a failure Buildkite may have acted on. `since` is when the record was
+    /// written, before any request for it. Fails only when the lease cannot be taken.
+    async fn request_build(
+        &self,
+        pipeline: &PipelineRef,
+        body: &Value,
+        meta: (&'static str, &str),
+        since: DateTime<Utc>,
+        resumed: bool,
+    ) -> Result<BuildOutcome> {
+        let buildkite = self.buildkite()?;
+        let key = meta.1;
+        let rev = match self
+            .store
+            .idempotency_begin(BUILD_CLAIM_SCOPE, key, key, self.build_lease)
+            .await?
+        {
+            IdempotencyBegin::New { rev } => rev,
+            // The lease is only ever abandoned, never finished, so anything else is a holder.
+            _ => {
+                return Ok(BuildOutcome::Busy(ReleaseError::conflict(
+                    "build_in_progress",
+                    format!(
+                        "the build for {key} is being requested, or its request went \
+                         unanswered moments ago; retry in {} s",
+                        self.build_lease.as_secs()
+                    ),
+                )));
+            }
+        };
+        let (org, name) = (pipeline.organization.as_str(), pipeline.pipeline.as_str());
+        let meta_data = [meta];
+        // Errors come with whether the build may exist despite them.
+        let attempt = async {
+            if resumed {
+                match find_build(buildkite, org, name, since, &meta_data).await {
+                    Ok(Some(build)) => return Ok(build),
+                    Ok(None) => {}
+                    Err(e) => return Err((e, true)),
+                }
+            }
+            create_or_find(buildkite, org, name, body, since, &meta_data)
+                .await
+                .map_err(|e| {
+                    let maybe = may_have_acted(&e);
+                    (e, maybe)
+                })
+        };
+        let budget = build_attempt_budget(self.build_lease);
+        let outcome = match tokio::time::timeout(budget, attempt).await {
+            Err(_) => BuildOutcome::Unknown(ReleaseError::BuildkiteUnavailable(format!(
+                "no answer within {budget:?}; {BUILD_UNKNOWN}"
+            ))),
+            Ok(Ok(build)) => BuildOutcome::Started(Box::new(build)),
+            Ok(Err((e, true))) => BuildOutcome::Unknown(ReleaseError::BuildkiteUnavailable(
+                format!("{e}; {BUILD_UNKNOWN}"),
+            )),
+            Ok(Err((e, false))) => BuildOutcome::NotCreated(classify_buildkite(e)),
+        };
+        if matches!(outcome, BuildOutcome::Unknown(_)) {
+            // A request of it may still land: the lease is kept until it lapses, so the next
+            // attempt looks only after that margin.
+            return Ok(outcome);
+        }
+        // The build is known (or certainly absent), and the record says so or is about to: a
+        // call that resumes the record in between finds the same build.
+        if let Err(e) = self
+            .store
+            .idempotency_abandon(BUILD_CLAIM_SCOPE, key, rev)
             .await
-            .map_err(classify_buildkite)
+        {
+            tracing::warn!(key, error = %e, "could not give up a build request's lease; it lapses");
+        }
+        Ok(outcome)
     }
 }
 
@@ -1469,6 +1731,8 @@ pub(crate) fn started_candidate(
     let mut n = c.clone();
     if n.build.is_none() {
         n.build = Some(build_ref.clone());
+        // A note that the build was not known is obsolete once it is.
+        n.error_message = None;
     }
     let next =
         state::candidate_state_for(&build.state, build.blocked).unwrap_or(CandidateState::Building);
@@ -1491,6 +1755,7 @@ fn started_deployment(d: &Deployment, build_ref: &BuildRef, build: &Build) -> Op
     let mut n = d.clone();
     if n.build.is_none() {
         n.build = Some(build_ref.clone());
+        n.error_message = None;
     }
     if let Some(next) = state::deployment_status_for(&build.state, build.blocked)
         && deployment_advances(n.status, next)

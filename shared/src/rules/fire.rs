@@ -16,8 +16,24 @@
 //!    ([`super::META_RULE`], [`super::META_SOURCE_BUILD_ID`]). If one exists (the request went
 //!    through but its answer, or the process, was lost), it is recorded instead of creating a
 //!    second one.
-//! 4. On success the target build is recorded ([`FiringStore::record_fired`]) and the pending
-//!    record removed. On failure the pending record is kept with a backoff and the claim released.
+//!    The same lookup follows at once a failure after which Buildkite may have acted (a timeout,
+//!    a connection lost mid-request, a 5xx): a lost answer is found, not repeated.
+//! 4. On success the target build is recorded ([`FiringStore::record_fired`], conditional on the
+//!    claim being the one this caller won) and the pending record removed. On failure the pending
+//!    record is kept with a backoff and the claim released.
+//!
+//! # Why a slow attempt cannot fire twice
+//!
+//! The claim's lease must outlast the attempt, or a second caller takes over while the first
+//! one's request is still coming. The client's own bound is not enough: with its default policy
+//! a create alone may take 4 × `KITEBRIDGE_HTTP_TIMEOUT` (up to 300 s each) plus 3 rate-limit
+//! waits of up to 120 s, and a spent rate limit or a long listing adds more. So every attempt
+//! runs under a budget, [`ATTEMPT_BUDGET`] (3/5 of the lease), and is cut off when it is spent:
+//! the attempt ends at least 2/5 of the lease (120 s) before the claim lapses. A cut-off attempt
+//! keeps its claim until it lapses, so a request of it that Buildkite applies late has that
+//! margin to land before the next attempt looks for it.
+//!
+//! [`find_build`] and [`create_or_find`] carry this discipline for the releases API too.
 //!
 //! Failed attempts are retried by [`RuleFirer::retry_pending`] (call it from the poll cycle), by
 //! a redelivery or new sighting of the source build, and opportunistically at most once a minute
@@ -34,21 +50,27 @@ use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 
 use super::{Decision, META_RULE, META_SOURCE_BUILD_ID, Rule, RuleError, SourceBuild};
-use crate::buildkite::client::BuildFilter;
-use crate::buildkite::client::BuildkiteClient;
+use crate::buildkite::client::{BuildFilter, BuildkiteClient, BuildkiteError};
 use crate::buildkite::model::Build;
 use crate::config::Config;
+use crate::net::SendError;
 use crate::observe::{BuildObserver, ObserveError};
 use crate::store::{
     Firing, FiringClaim, FiringStore, PendingFiring, PendingFiringStore, RuleStore, Store,
     StoreError,
 };
 
-/// How long a claim holds before another caller may take over (longer than a create-build
-/// request with its retries can take).
+/// How long a claim holds before another caller may take over.
 pub const CLAIM_LEASE: Duration = Duration::from_secs(300);
+/// Longest an attempt runs under [`CLAIM_LEASE`] (see the module docs).
+pub const ATTEMPT_BUDGET: Duration = attempt_budget(CLAIM_LEASE);
 /// How far before the first attempt the duplicate lookup starts (clock differences).
 const LOOKUP_MARGIN: chrono::Duration = chrono::Duration::minutes(10);
+
+/// 3/5 of `lease`: the rest is the margin for a request applied late, and for clocks.
+const fn attempt_budget(lease: Duration) -> Duration {
+    Duration::from_millis((lease.as_millis() as u64).saturating_mul(3) / 5)
+}
 /// Most pending firings one [`RuleFirer::retry_pending`] call works through.
 const RETRY_BATCH: usize = 50;
 /// Least time between two opportunistic sweeps from `observe`.
@@ -89,6 +111,7 @@ pub struct RuleFirer {
     config_rules: Arc<Vec<Rule>>,
     default_org: Option<String>,
     last_sweep: AtomicI64,
+    lease: Duration,
 }
 
 impl RuleFirer {
@@ -104,7 +127,15 @@ impl RuleFirer {
             config_rules: Arc::new(config_rules),
             default_org,
             last_sweep: AtomicI64::new(0),
+            lease: CLAIM_LEASE,
         }
+    }
+
+    /// The same firer with claims of `lease` (and attempts cut off at 3/5 of it) instead of
+    /// [`CLAIM_LEASE`]; tests use short ones.
+    pub fn with_claim_lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
     }
 
     /// The firer of a deployment: the configured rules (refused at start-up, with each rule's
@@ -230,7 +261,7 @@ impl RuleFirer {
     /// One attempt at a pending firing (see the module docs).
     pub async fn fire(&self, pending: &PendingFiring) -> Result<FireOutcome, StoreError> {
         let (rule, build_id) = (pending.rule.as_str(), pending.source_build.as_str());
-        let rev = match self.store.claim_firing(rule, build_id, CLAIM_LEASE).await? {
+        let rev = match self.store.claim_firing(rule, build_id, self.lease).await? {
             FiringClaim::Taken(Firing::Fired { .. }) => {
                 self.store.remove_pending(rule, build_id).await?;
                 return Ok(FireOutcome::AlreadyFired);
@@ -238,11 +269,37 @@ impl RuleFirer {
             FiringClaim::Taken(Firing::Claimed { .. }) => return Ok(FireOutcome::InFlight),
             FiringClaim::Won { rev } => rev,
         };
-        match self.attempt(pending, rev).await {
+        let budget = attempt_budget(self.lease);
+        let Ok(attempted) = tokio::time::timeout(budget, self.attempt(pending)).await else {
+            // Its request may be out: the claim is kept until it lapses (see the module docs).
+            let message = format!("the attempt took longer than {budget:?} and was cut off");
+            let next = Utc::now() + backoff(pending.attempts);
+            self.store
+                .defer_pending(rule, build_id, &message, next)
+                .await?;
+            tracing::warn!(rule, source = %pending.source, retry_at = %next, "{message}; will retry");
+            return Ok(FireOutcome::Deferred(message));
+        };
+        match attempted {
             Ok(target) => {
-                self.store
+                // Only while the claim is still the one won above: if it lapsed and another
+                // caller took it, that caller looks before it creates, and records this build.
+                match self
+                    .store
                     .record_fired(rule, build_id, rev, target.clone())
-                    .await?;
+                    .await
+                {
+                    Ok(()) => {}
+                    Err(StoreError::Conflict) => {
+                        tracing::warn!(rule, source = %pending.source, target = %target,
+                            "rule fired, but its claim had passed to another attempt, which records it");
+                        return Ok(match self.store.firing(rule, build_id).await? {
+                            Some(Firing::Fired { .. }) => FireOutcome::AlreadyFired,
+                            _ => FireOutcome::InFlight,
+                        });
+                    }
+                    Err(e) => return Err(e),
+                }
                 self.store.remove_pending(rule, build_id).await?;
                 tracing::info!(rule, source = %pending.source, target = %target, "rule fired");
                 Ok(FireOutcome::Fired(target))
@@ -264,7 +321,7 @@ impl RuleFirer {
         }
     }
 
-    async fn attempt(&self, pending: &PendingFiring, _rev: u64) -> Result<Value, AttemptError> {
+    async fn attempt(&self, pending: &PendingFiring) -> Result<Value, AttemptError> {
         let (rule, build_id) = (pending.rule.as_str(), pending.source_build.as_str());
         // The caller's copy may be stale: read the attempt mark from the store.
         let current = self
@@ -282,56 +339,59 @@ impl RuleFirer {
         {
             return Ok(found);
         }
-        self.store
+        let marked = self
+            .store
             .mark_attempted(rule, build_id, Utc::now())
             .await
             .map_err(AttemptError::Store)?;
+        let since = marked.and_then(|p| p.attempted_at).unwrap_or_else(Utc::now);
         let Some(buildkite) = &self.buildkite else {
             return Err(AttemptError::Buildkite(
                 "BUILDKITE_API_TOKEN is not set: cannot create builds".into(),
             ));
         };
-        let created: Build = buildkite
-            .create_build(
-                &pending.target_organization,
-                &pending.target_pipeline,
-                &pending.request,
-            )
-            .await
-            .map_err(|e| AttemptError::Buildkite(e.to_string()))?;
+        let created = create_or_find(
+            buildkite,
+            &pending.target_organization,
+            &pending.target_pipeline,
+            &pending.request,
+            since,
+            &Self::meta_data(pending),
+        )
+        .await
+        .map_err(|e| AttemptError::Buildkite(e.to_string()))?;
         Ok(target_summary(pending, &created))
     }
 
-    /// A build an earlier attempt created: same target pipeline, this firing's meta-data,
-    /// created since (shortly before) the first attempt.
+    /// The meta-data that names a firing's build.
+    fn meta_data(pending: &PendingFiring) -> [(&'static str, &str); 2] {
+        [
+            (META_RULE, pending.rule.as_str()),
+            (META_SOURCE_BUILD_ID, pending.source_build.as_str()),
+        ]
+    }
+
+    /// A build an earlier attempt created (see [`find_build`]).
     async fn find_created(
         &self,
         pending: &PendingFiring,
         since: DateTime<Utc>,
     ) -> Result<Option<Value>, AttemptError> {
-        let filter = BuildFilter {
-            created_from: Some(since - LOOKUP_MARGIN),
-            ..BuildFilter::default()
-        };
         let Some(buildkite) = &self.buildkite else {
             return Err(AttemptError::Buildkite(
                 "BUILDKITE_API_TOKEN is not set: cannot look for builds".into(),
             ));
         };
-        let listing = buildkite
-            .list_builds::<Build>(&pending.target_organization, &filter)
-            .await
-            .map_err(|e| AttemptError::Buildkite(format!("looking for an earlier attempt: {e}")))?;
-        Ok(listing
-            .builds
-            .iter()
-            .find(|b| {
-                b.meta_data.get(META_RULE).map(String::as_str) == Some(pending.rule.as_str())
-                    && b.meta_data.get(META_SOURCE_BUILD_ID).map(String::as_str)
-                        == Some(pending.source_build.as_str())
-                    && b.pipeline_slug(None).as_deref() == Some(pending.target_pipeline.as_str())
-            })
-            .map(|b| target_summary(pending, b)))
+        let found = find_build(
+            buildkite,
+            &pending.target_organization,
+            &pending.target_pipeline,
+            since,
+            &Self::meta_data(pending),
+        )
+        .await
+        .map_err(|e| AttemptError::Buildkite(format!("looking for an earlier attempt: {e}")))?;
+        Ok(found.map(|b| target_summary(pending, &b)))
     }
 
     /// Retries every pending firing that is due (at most a batch per call). Call it from the
@@ -372,6 +432,71 @@ impl RuleFirer {
         if let Err(e) = self.retry_pending().await {
             tracing::warn!(error = %e, "pending firings: cannot list");
         }
+    }
+}
+
+/// A build of `org`/`pipeline` created since (shortly before) `since` and carrying every
+/// `meta_data` pair: the build an earlier request made, whose answer was lost.
+pub(crate) async fn find_build(
+    buildkite: &BuildkiteClient,
+    org: &str,
+    pipeline: &str,
+    since: DateTime<Utc>,
+    meta_data: &[(&str, &str)],
+) -> Result<Option<Build>, BuildkiteError> {
+    let filter = BuildFilter {
+        created_from: Some(since - LOOKUP_MARGIN),
+        ..BuildFilter::default()
+    };
+    let listing = buildkite.list_builds::<Build>(org, &filter).await?;
+    Ok(listing.builds.into_iter().find(|b| {
+        meta_data
+            .iter()
+            .all(|(k, v)| b.meta_data.get(*k).map(String::as_str) == Some(*v))
+            && b.pipeline_slug(None).as_deref() == Some(pipeline)
+    }))
+}
+
+/// Creates the build; when the request failed in a way that Buildkite may have acted on
+/// anyway ([`may_have_acted`]), looks for it ([`find_build`]) before reporting the failure. The
+/// caller has written its attempt down at `since` first, and holds a claim that serialises
+/// attempts.
+pub(crate) async fn create_or_find(
+    buildkite: &BuildkiteClient,
+    org: &str,
+    pipeline: &str,
+    body: &Value,
+    since: DateTime<Utc>,
+    meta_data: &[(&str, &str)],
+) -> Result<Build, BuildkiteError> {
+    let error = match buildkite.create_build::<Build>(org, pipeline, body).await {
+        Ok(build) => return Ok(build),
+        Err(e) if !may_have_acted(&e) => return Err(e),
+        Err(e) => e,
+    };
+    match find_build(buildkite, org, pipeline, since, meta_data).await {
+        Ok(Some(build)) => {
+            tracing::info!(org, pipeline, build = build.number, error = %error,
+                "the create-build answer was lost; found the build it created");
+            Ok(build)
+        }
+        Ok(None) => Err(error),
+        Err(lookup) => {
+            tracing::warn!(org, pipeline, error = %lookup, "cannot look for a build whose answer was lost");
+            Err(error)
+        }
+    }
+}
+
+/// Whether a failed create-build request may still have created the build: not when Buildkite
+/// answered with a refusal (4xx, a 429 included) or the connection was refused.
+pub(crate) fn may_have_acted(e: &BuildkiteError) -> bool {
+    match e {
+        BuildkiteError::Send(SendError::Status { status, .. }) => *status == 408 || *status >= 500,
+        BuildkiteError::Send(SendError::Connect(m)) => !m.contains("refused"),
+        BuildkiteError::Send(SendError::Timeout | SendError::Other(_)) => true,
+        // A 2xx whose body did not decode: it was created.
+        BuildkiteError::Decode(_) => true,
     }
 }
 
@@ -420,6 +545,49 @@ impl BuildObserver for RuleFirer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn attempts_end_well_before_their_claim_lapses() {
+        assert_eq!(ATTEMPT_BUDGET, Duration::from_secs(180));
+        assert_eq!(
+            attempt_budget(Duration::from_secs(5)),
+            Duration::from_secs(3)
+        );
+        // The margin covers a create that Buildkite applies late and clock differences, and
+        // the budget admits a create after one full rate-limit wait (120 s).
+        assert!(CLAIM_LEASE - ATTEMPT_BUDGET >= Duration::from_secs(120));
+        assert!(ATTEMPT_BUDGET > Duration::from_secs(120) + Duration::from_secs(4 * 10));
+    }
+
+    #[test]
+    fn only_refusals_certainly_created_nothing() {
+        let status = |status| {
+            BuildkiteError::Send(SendError::Status {
+                status,
+                message: String::new(),
+                retry_after: None,
+            })
+        };
+        for e in [status(400), status(404), status(422), status(429)] {
+            assert!(!may_have_acted(&e), "{e}");
+        }
+        let refused = BuildkiteError::Send(SendError::Connect(
+            "Connection refused (os error 111)".into(),
+        ));
+        assert!(!may_have_acted(&refused));
+        for e in [
+            status(500),
+            status(502),
+            status(408),
+            BuildkiteError::Send(SendError::Timeout),
+            BuildkiteError::Send(SendError::Connect(
+                "connection closed before message completed".into(),
+            )),
+            BuildkiteError::Decode("expected value".into()),
+        ] {
+            assert!(may_have_acted(&e), "{e}");
+        }
+    }
 
     #[test]
     fn backoff_grows_and_caps() {
