@@ -370,6 +370,9 @@ mod tests {
         assert!(m(r"x\Z", "", "x\n"));
         assert!(m(r"^(main$|release\/.*$)", "", "release/foo"));
         assert!(m(r"[a&&b]", "", "&"));
+        // A comment is not a feature, whatever it says, and matches nothing.
+        assert!(m(r"^a(?#(?<=x)b$", "", "ab"));
+        assert!(m(r"[^]x]", "", "y") && !m(r"[^]x]", "", "x"));
     }
 
     #[test]
@@ -389,6 +392,10 @@ mod tests {
             "(a)\\1",
             "a(?=b)",
             "[a",
+            // Classes do not nest: `[[]` is one class, so the lookbehind after it is outside.
+            "[[](?<=a)b",
+            // A comment that never closes is not valid syntax.
+            "a(?#b",
         ] {
             assert!(RegexLit::compile(p, "").is_err(), "{p}");
         }
