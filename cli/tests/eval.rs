@@ -1,4 +1,5 @@
-//! The real `kitebridge` binary: every case of `tests/fixtures/conditional.json` and every
+//! The real `kitebridge` binary: every case of `tests/fixtures/conditional.json` and
+//! `tests/fixtures/conditional_upstream.json` (skips excepted, counted and printed) and every
 //! `Interpolate` case of `tests/fixtures/interpolate.json` through `--batch`, single cases, exit
 //! codes and stderr for bad usage, and `rules check` on a webhook payload.
 
@@ -10,6 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use serde_json::{Value, json};
 
 const CONDITIONAL: &str = include_str!("../../tests/fixtures/conditional.json");
+const UPSTREAM: &str = include_str!("../../tests/fixtures/conditional_upstream.json");
 const INTERPOLATE: &str = include_str!("../../tests/fixtures/interpolate.json");
 const PASSED: &str = "../tests/fixtures/webhooks/build.finished.passed.json";
 const RUNNING: &str = "../tests/fixtures/webhooks/build.running.json";
@@ -56,10 +58,17 @@ fn batch_of(cases: &[Value], fields: &[&str]) -> String {
     s
 }
 
-#[test]
-fn every_conditional_vector_through_the_batch() {
-    let cases: Vec<Value> = serde_json::from_str(CONDITIONAL).unwrap();
-    assert!(cases.len() >= 100);
+/// Runs every case of a conditional fixture but those with a `skip_reason` through one
+/// `eval --batch` and checks each answer; returns how many ran.
+fn conditional_fixture_through_the_batch(fixture: &str, min_cases: usize) -> usize {
+    let all: Vec<Value> = serde_json::from_str(fixture).unwrap();
+    let (skipped, cases): (Vec<Value>, Vec<Value>) = all
+        .into_iter()
+        .partition(|c| c.get("skip_reason").is_some());
+    for c in &skipped {
+        eprintln!("skipped {:?}: {}", c["name"], c["skip_reason"]);
+    }
+    assert!(cases.len() >= min_cases);
     // The whole case, extra fields and all: the batch ignores what it does not know.
     let mut input = String::new();
     for c in &cases {
@@ -91,13 +100,38 @@ fn every_conditional_vector_through_the_batch() {
             _ => false,
         };
         if !ok {
-            failures.push(format!("#{i} {}: got {got}", case["input"]));
+            failures.push(format!(
+                "#{i} {} {}: got {got}",
+                case["name"], case["input"]
+            ));
         }
     }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} failed:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
     // Some cases are errors, so the batch as a whole exits 1.
     assert_eq!(out.status.code(), Some(1));
     let _ = std::fs::remove_file(file);
+    eprintln!(
+        "{} passed, 0 failed, {} skipped through `eval --batch`",
+        cases.len(),
+        skipped.len()
+    );
+    cases.len()
+}
+
+#[test]
+fn every_conditional_vector_through_the_batch() {
+    conditional_fixture_through_the_batch(CONDITIONAL, 100);
+}
+
+#[test]
+fn every_upstream_conditional_vector_through_the_batch() {
+    conditional_fixture_through_the_batch(UPSTREAM, 250);
 }
 
 #[test]

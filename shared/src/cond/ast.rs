@@ -4,7 +4,6 @@
 use std::fmt;
 
 use super::regex::RegexLit;
-use super::shell::Template;
 
 #[derive(Debug, Clone)]
 pub(crate) struct Node {
@@ -62,14 +61,14 @@ pub(crate) struct StrLit {
     /// Source text between the quotes, kept so printing round-trips exactly.
     pub raw: String,
     pub double: bool,
-    /// Double-quoted strings that contain `$` are substituted at evaluation time.
-    pub template: Option<Template>,
+    /// A double-quoted string whose source holds `$$` or an unescaped expansion: its value is
+    /// substituted from `raw` at evaluation time, and is unknown before.
+    pub template: bool,
 }
 
 #[derive(Debug, Clone)]
 pub(crate) struct ShellLit {
     pub raw: String,
-    pub template: Template,
 }
 
 #[derive(Debug, Clone)]

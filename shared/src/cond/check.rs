@@ -2,7 +2,8 @@
 //! of `&&`/`||` are checked even when evaluation would skip one.
 
 use super::ast::{InfixOp, Kind, Node, StrLit};
-use super::vars::{Schema, VarType, unsupported_buildkite_env, unsupported_env_message};
+use super::shell;
+use super::vars::{self, Schema, VarType, unsupported_buildkite_env, unsupported_env_message};
 use super::{CondError, ErrorKind};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,7 +52,7 @@ fn unexpected(want: &str, got: Ty, node: &Node) -> CondError {
 /// A string literal whose value is known before evaluation (not a `"...$x..."` template).
 fn static_str(node: &Node) -> Option<&StrLit> {
     match &node.kind {
-        Kind::Str(s) if s.template.is_none() => Some(s),
+        Kind::Str(s) if !s.template => Some(s),
         _ => None,
     }
 }
@@ -212,21 +213,33 @@ impl Checker<'_> {
         }
         let arg = &args[0];
         self.expect(arg, &[Ty::Str], "string")?;
-        if let Kind::Str(lit) = &arg.kind {
-            // Checked on the literal text, template or not: `env("$X")` is always a mistake.
-            let key = lit.value.as_str();
-            if key.contains('$') {
-                let suggestion = key.replace('$', "");
-                let mut msg = format!("Argument to `{name}` should not include `$`");
-                if !suggestion.is_empty() {
-                    msg.push_str(&format!(" - did you mean {suggestion}?"));
-                }
-                return Err(invalid(msg, arg));
-            }
-            if lit.template.is_none() && self.schema.buildkite && unsupported_buildkite_env(key) {
-                return Err(invalid(unsupported_env_message(key), arg));
-            }
+        // A name built by substitution is only known at evaluation, which checks it then.
+        if let Kind::Str(lit) = &arg.kind
+            && !(lit.double && shell::has_expansion(&lit.raw))
+            && let Some(message) = literal_env_name_error(self.schema, name, &lit.value)
+        {
+            return Err(invalid(message, arg));
         }
         Ok(Ty::Str)
     }
+}
+
+/// Why a literal argument to `env`/`build.env` is refused, in the server's words: a `$` (with
+/// the name it probably meant), a name that is not `[A-Za-z0-9_]+`, or a `BUILDKITE_*` name
+/// conditions cannot read (with a close supported one when there is).
+fn literal_env_name_error(schema: &Schema, function: &str, key: &str) -> Option<String> {
+    if key.contains('$') {
+        let suggestion = key.replace('$', "");
+        let mut msg = format!("Argument to `{function}` should not include `$`");
+        if !suggestion.is_empty() {
+            msg.push_str(&format!(" - did you mean {suggestion}?"));
+        }
+        return Some(msg);
+    }
+    if !vars::is_env_name(key) {
+        return Some(format!(
+            "Argument to `{function}` should be an environment variable name"
+        ));
+    }
+    (schema.buildkite && unsupported_buildkite_env(key)).then(|| unsupported_env_message(key))
 }

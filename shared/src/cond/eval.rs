@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use super::ast::{InfixOp, Kind, Node};
 use super::regex::RegexLit;
-use super::shell::{ShellEnv, Template};
+use super::shell::{self, ShellEnv};
 use super::vars::{self, Schema, unsupported_buildkite_env};
 use super::{CondError, Context, ErrorKind};
 
@@ -132,20 +132,14 @@ impl<'c> Scope<'c> {
             Kind::Null => Val::Null,
             Kind::Bool(b) => Val::Bool(*b),
             Kind::Int(i) => Val::Int(*i),
-            Kind::Str(s) => match &s.template {
-                None => Val::Str(Cow::Borrowed(s.value.as_str())),
-                Some(t) => Val::Str(Cow::Owned(self.expand(t, node)?)),
+            Kind::Str(s) if s.template => Val::Str(Cow::Owned(
+                shell::eval_string(&s.raw, self).map_err(|m| fail(m, node))?,
+            )),
+            Kind::Str(s) => Val::Str(Cow::Borrowed(s.value.as_str())),
+            Kind::Shell(s) => match shell::eval_token(&s.raw, self).map_err(|m| fail(m, node))? {
+                Some(v) => Val::Str(Cow::Owned(v)),
+                None => Val::Null,
             },
-            Kind::Shell(s) => {
-                if let Some(name) = s.template.bare_name() {
-                    match vars::env(self.schema, self.ctx, name) {
-                        Some(v) => Val::Str(v),
-                        None => Val::Null,
-                    }
-                } else {
-                    Val::Str(Cow::Owned(self.expand(&s.template, node)?))
-                }
-            }
             Kind::Regex(r) => Val::Re(r),
             Kind::Ident(name) => {
                 let value = if self.raw {
@@ -202,12 +196,6 @@ impl<'c> Scope<'c> {
         })
     }
 
-    fn expand(&self, t: &Template, node: &Node) -> Result<String, CondError> {
-        let mut out = String::new();
-        t.expand(self, &mut out).map_err(|m| fail(m, node))?;
-        Ok(out)
-    }
-
     fn call(&self, node: &'c Node, name: &str, args: &'c [Node]) -> Result<Val<'c>, CondError> {
         let Some(build_env) = self.schema.env_function_kind(name) else {
             return Err(fail(format!("`{name}` is not a function"), node));
@@ -215,10 +203,19 @@ impl<'c> Scope<'c> {
         let [arg] = args else {
             return Err(fail(format!("`{name}` takes one argument"), node));
         };
+        // A name computed at evaluation fails closed when it comes out blank or unset (an
+        // indirect `env(env("X"))` whose inner variable is missing), or names a `BUILDKITE_*`
+        // variable conditions may not read.
         let key = match self.eval(arg)? {
-            Val::Str(s) => s,
-            Val::Null if build_env => return Ok(Val::Null),
-            Val::Null => return Ok(Val::Str(Cow::Borrowed(""))),
+            Val::Str(s) if !s.is_empty() => s,
+            Val::Str(_) | Val::Null => {
+                return Err(fail(
+                    format!(
+                        "the argument to `{name}` is blank; it must name an environment variable"
+                    ),
+                    arg,
+                ));
+            }
             other => {
                 return Err(fail(
                     format!("`{name}` needs a string, found {}", other.type_name()),
@@ -227,10 +224,7 @@ impl<'c> Scope<'c> {
             }
         };
         if self.schema.buildkite && unsupported_buildkite_env(&key) {
-            return Err(fail(
-                format!("{key:?} cannot be read by conditions; interpolate it at runtime instead"),
-                arg,
-            ));
+            return Err(fail(vars::unsupported_env_message(&key), arg));
         }
         Ok(match vars::env(self.schema, self.ctx, &key) {
             Some(v) => Val::Str(v),

@@ -1,6 +1,7 @@
 //! Turns a condition into tokens. Byte-oriented like Buildkite's lexer: identifiers, numbers and
 //! operators are ASCII; strings may hold any UTF-8 and decode C-style escapes.
 
+use super::shell::{bytes_to_string, escape, expansion_end, single_quoted_escape};
 use super::{CondError, ErrorKind};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -167,28 +168,19 @@ impl<'a> Lexer<'a> {
 
     fn shell(&mut self) -> Result<Token<'a>, CondError> {
         let start = self.pos;
-        let c = self.at(start + 1);
-        if is_ident_start(c) {
-            let end = self.scan(start + 1, is_ident_part);
-            self.pos = end;
-            return Ok(Token {
-                tok: Tok::Shell(&self.src[start..end]),
-                pos: start,
-            });
-        }
-        if c != b'{' {
-            return Err(err("`$` must be followed by a variable name or `{`", start));
-        }
-        match brace_end(self.b, start + 1) {
-            Some(end) => {
-                self.pos = end;
-                Ok(Token {
-                    tok: Tok::Shell(&self.src[start..end]),
-                    pos: start,
-                })
-            }
-            None => Err(err("unterminated `${`", start)),
-        }
+        let Some(end) = expansion_end(self.b, start) else {
+            let message = if self.at(start + 1) == b'{' {
+                "unterminated `${`"
+            } else {
+                "`$` must be followed by a variable name or `{`"
+            };
+            return Err(err(message, start));
+        };
+        self.pos = end;
+        Ok(Token {
+            tok: Tok::Shell(&self.src[start..end]),
+            pos: start,
+        })
     }
 
     fn string(&mut self, quote: u8) -> Result<Token<'a>, CondError> {
@@ -207,19 +199,20 @@ impl<'a> Lexer<'a> {
                 i += 1;
                 continue;
             }
-            let Some(&e) = self.b.get(i + 1) else {
-                return Err(err("unterminated string", start));
+            let next = if quote == b'\'' {
+                single_quoted_escape(self.b, i, &mut out)
+                    .ok_or_else(|| err("unterminated string", start))?
+            } else {
+                // A bad escape (an octal one above `\377`) makes the whole string unlexable.
+                escape(self.b, i, &mut out).map_err(|m| {
+                    if i + 1 >= self.b.len() {
+                        err("unterminated string", start)
+                    } else {
+                        err(m, i)
+                    }
+                })?
             };
-            if quote == b'\'' {
-                if e != b'\\' && e != b'\'' {
-                    out.push(b'\\');
-                }
-                out.push(e);
-                i += 2;
-                continue;
-            }
-            i = decode_escape(self.b, i + 1, &mut out)
-                .ok_or_else(|| err("octal escape out of range in string", i))?;
+            i = next;
         }
         self.pos = i + 1;
         Ok(Token {
@@ -256,95 +249,6 @@ impl<'a> Lexer<'a> {
             pos: start,
         })
     }
-}
-
-/// Decodes the escape whose letter is at `b[i]` (the backslash is at `i - 1`) as a double-quoted
-/// string does, appending to `out`. Returns the index after the escape, or `None` for an octal
-/// escape above `\377`.
-pub(crate) fn decode_escape(b: &[u8], i: usize, out: &mut Vec<u8>) -> Option<usize> {
-    let e = b.get(i).copied()?;
-    let simple = match e {
-        b'n' => Some(b'\n'),
-        b's' => Some(b' '),
-        b'r' => Some(b'\r'),
-        b't' => Some(b'\t'),
-        b'v' => Some(0x0b),
-        b'f' => Some(0x0c),
-        b'b' => Some(0x08),
-        b'a' => Some(0x07),
-        b'e' => Some(0x1b),
-        _ => None,
-    };
-    if let Some(s) = simple {
-        out.push(s);
-        return Some(i + 1);
-    }
-    if e == b'x' {
-        let hex = |j: usize| b.get(j).and_then(|c| (*c as char).to_digit(16));
-        if let (Some(h), Some(l)) = (hex(i + 1), hex(i + 2)) {
-            // Two hex digits are at most 0xff.
-            out.push((h * 16 + l) as u8);
-            return Some(i + 3);
-        }
-        out.push(b'x');
-        return Some(i + 1);
-    }
-    if (b'0'..=b'7').contains(&e) {
-        let mut value: u32 = 0;
-        let mut j = i;
-        while j < i + 3 && j < b.len() && (b'0'..=b'7').contains(&b[j]) {
-            value = value * 8 + u32::from(b[j] - b'0');
-            j += 1;
-        }
-        let byte = u8::try_from(value).ok()?;
-        out.push(byte);
-        return Some(j);
-    }
-    // Anything else (`\\`, `\"`, `\$`, a multi-byte character...) stands for itself.
-    let len = std::str::from_utf8(&b[i..])
-        .ok()
-        .and_then(|s| s.chars().next())
-        .map_or(1, char::len_utf8);
-    out.extend_from_slice(&b[i..i + len]);
-    Some(i + len)
-}
-
-pub(crate) fn bytes_to_string(bytes: Vec<u8>) -> String {
-    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
-}
-
-/// Given `b[open] == b'{'`, returns the index just past its matching `}`, skipping quoted text
-/// and backslash escapes; `None` when it never closes.
-pub(crate) fn brace_end(b: &[u8], open: usize) -> Option<usize> {
-    let mut depth = 0usize;
-    let mut i = open;
-    while i < b.len() {
-        match b[i] {
-            b'\\' => i += 1,
-            q @ (b'"' | b'\'') => {
-                i += 1;
-                while i < b.len() && b[i] != q {
-                    if b[i] == b'\\' {
-                        i += 1;
-                    }
-                    i += 1;
-                }
-                if i >= b.len() {
-                    return None;
-                }
-            }
-            b'{' => depth += 1,
-            b'}' => {
-                depth -= 1;
-                if depth == 0 {
-                    return Some(i + 1);
-                }
-            }
-            _ => {}
-        }
-        i += 1;
-    }
-    None
 }
 
 #[cfg(test)]

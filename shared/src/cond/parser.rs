@@ -5,7 +5,7 @@
 use super::ast::{InfixOp, Kind, Node, ShellLit, StrLit};
 use super::lexer::{Lexer, Tok, Token};
 use super::regex::RegexLit;
-use super::shell::Template;
+use super::shell;
 use super::{CondError, ErrorKind};
 
 const LOWEST: u8 = 1;
@@ -125,11 +125,7 @@ impl<'a> Parser<'a> {
             Tok::False => Kind::Bool(false),
             Tok::Null => Kind::Null,
             Tok::Str { value, raw, double } => {
-                let template = if *double && value.contains('$') {
-                    Some(Template::parse_string(value).map_err(|m| err(m, pos))?)
-                } else {
-                    None
-                };
+                let template = *double && shell::is_template(raw);
                 Kind::Str(Box::new(StrLit {
                     value: value.clone(),
                     raw: (*raw).to_owned(),
@@ -142,7 +138,6 @@ impl<'a> Parser<'a> {
             )),
             Tok::Shell(raw) => Kind::Shell(Box::new(ShellLit {
                 raw: (*raw).to_owned(),
-                template: Template::parse_token(raw).map_err(|m| err(m, pos))?,
             })),
             Tok::Bang => {
                 self.advance()?;

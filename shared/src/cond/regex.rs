@@ -84,7 +84,10 @@ fn unsupported(feature: &str) -> Result<(), String> {
     Err(format!("unsupported regexp feature: {feature}"))
 }
 
-/// Buildkite's validator: walks the pattern outside character classes, honouring escapes.
+/// Buildkite's validator: walks the pattern outside character classes, honouring escapes. A
+/// class does not nest (`[[]` is one class holding `[`); only a `]` right after its `[` is
+/// literal; `[:alpha:]`-style sets inside one are skipped whole. A `(?#...)` comment is text,
+/// not a feature, up to its first `)`; one that never closes ends the check.
 pub(crate) fn validate(pattern: &str) -> Result<(), String> {
     let b = pattern.as_bytes();
     let mut i = 0;
@@ -112,22 +115,27 @@ pub(crate) fn validate(pattern: &str) -> Result<(), String> {
             return unsupported("lookbehind");
         }
         if rest.starts_with(b"(?<!") {
-            return unsupported("negative lookbehind");
+            return unsupported("nlookbehind");
         }
         if rest.starts_with(b"(?>") {
-            return unsupported("atomic group");
+            return unsupported("atomic");
         }
-        if rest.starts_with(b"(?<") || rest.starts_with(b"(?P<") || rest.starts_with(b"(?'") {
-            return unsupported("named capture");
+        if rest.starts_with(b"(?<") || rest.starts_with(b"(?P<") {
+            return unsupported("named_ab");
+        }
+        if rest.starts_with(b"(?'") {
+            return unsupported("named_sq");
         }
         if rest.starts_with(b"(?(") {
-            return unsupported("conditional");
+            return unsupported("condition_open");
         }
         if b.get(i + 1) == Some(&b'+') {
             match c {
-                b'?' | b'*' | b'+' => return unsupported("possessive quantifier"),
+                b'?' => return unsupported("zero_or_one_possessive"),
+                b'*' => return unsupported("zero_or_more_possessive"),
+                b'+' => return unsupported("one_or_more_possessive"),
                 b'}' if bounded_quantifier_ends_at(b, i) => {
-                    return unsupported("possessive quantifier");
+                    return unsupported("bounded_possessive");
                 }
                 _ => {}
             }
@@ -137,16 +145,11 @@ pub(crate) fn validate(pattern: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Given `b[open] == b'['`, the index just past the class's closing `]` (or the end). A `]` right
-/// after `[` or `[^` is literal; `[:alpha:]`, `[.x.]`, `[=x=]` sets are skipped whole.
+/// Given `b[open] == b'['`, the index just past the class's closing `]` (or the end), as the
+/// validator sees it.
 fn class_end(b: &[u8], open: usize) -> usize {
     let mut i = open + 1;
-    if b.get(i) == Some(&b'^') {
-        i += 1;
-    }
-    if b.get(i) == Some(&b']') {
-        i += 1;
-    }
+    let mut first = true;
     while i < b.len() {
         match b[i] {
             b'\\' => i += 2,
@@ -158,10 +161,11 @@ fn class_end(b: &[u8], open: usize) -> usize {
                 }
                 i = if j + 1 < b.len() { j + 2 } else { i + 1 };
             }
-            b'[' => i = class_end(b, i),
+            b']' if first => i += 1,
             b']' => return i + 1,
             _ => i += 1,
         }
+        first = false;
     }
     b.len()
 }
@@ -264,6 +268,13 @@ fn translate(pattern: &str) -> String {
             i += 1;
             continue;
         }
+        if b[i..].starts_with(b"(?#")
+            && let Some(p) = b[i..].iter().position(|&x| x == b')')
+        {
+            // A comment matches nothing; the `regex` crate has no syntax for one.
+            i += p + 1;
+            continue;
+        }
         match c {
             b'[' => {
                 class_depth = 1;
@@ -359,6 +370,9 @@ mod tests {
         assert!(m(r"x\Z", "", "x\n"));
         assert!(m(r"^(main$|release\/.*$)", "", "release/foo"));
         assert!(m(r"[a&&b]", "", "&"));
+        // A comment is not a feature, whatever it says, and matches nothing.
+        assert!(m(r"^a(?#(?<=x)b$", "", "ab"));
+        assert!(m(r"[^]x]", "", "y") && !m(r"[^]x]", "", "x"));
     }
 
     #[test]
@@ -378,6 +392,10 @@ mod tests {
             "(a)\\1",
             "a(?=b)",
             "[a",
+            // Classes do not nest: `[[]` is one class, so the lookbehind after it is outside.
+            "[[](?<=a)b",
+            // A comment that never closes is not valid syntax.
+            "a(?#b",
         ] {
             assert!(RegexLit::compile(p, "").is_err(), "{p}");
         }

@@ -344,6 +344,11 @@ pub(crate) const SUPPORTED_BUILDKITE_ENV: &[&str] = &[
     "BUILDKITE_GITHUB_REVIEW_STATE",
 ];
 
+/// What the server accepts as an environment variable name in a literal `env("...")`.
+pub(crate) fn is_env_name(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_')
+}
+
 pub(crate) fn unsupported_buildkite_env(name: &str) -> bool {
     name.starts_with("BUILDKITE_") && !SUPPORTED_BUILDKITE_ENV.contains(&name)
 }
@@ -434,24 +439,30 @@ fn builtin_env<'c>(schema: &Schema, ctx: &'c Context, name: &str) -> Option<Opti
                 Some(Cow::Borrowed(""))
             }
         }
-        "BUILDKITE_TRIGGERED_FROM_BUILD_ID" => {
-            text(Cow::Borrowed(only("build.triggered_from.build_id")))
-        }
-        "BUILDKITE_TRIGGERED_FROM_BUILD_NUMBER" => {
-            text(Cow::Borrowed(only("build.triggered_from.build_number")))
-        }
-        "BUILDKITE_TRIGGERED_FROM_BUILD_PIPELINE_SLUG" => text(Cow::Borrowed(only(
-            "build.triggered_from.build_pipeline_slug",
-        ))),
+        "BUILDKITE_TRIGGERED_FROM_BUILD_ID" => or(
+            text(Cow::Borrowed(only("build.triggered_from.build_id"))),
+            "",
+        ),
+        "BUILDKITE_TRIGGERED_FROM_BUILD_NUMBER" => or(
+            text(Cow::Borrowed(only("build.triggered_from.build_number"))),
+            "",
+        ),
+        "BUILDKITE_TRIGGERED_FROM_BUILD_PIPELINE_SLUG" => or(
+            text(Cow::Borrowed(only(
+                "build.triggered_from.build_pipeline_slug",
+            ))),
+            "",
+        ),
         "BUILDKITE_TRIGGERED_FROM_BUILD_JOB_ID" => {
-            text(Cow::Borrowed(only("build.triggered_from.job_id")))
+            or(text(Cow::Borrowed(only("build.triggered_from.job_id"))), "")
         }
         "BUILDKITE_REBUILT_FROM_BUILD_ID" => {
-            text(Cow::Borrowed(only("build.rebuilt_from.build_id")))
+            or(text(Cow::Borrowed(only("build.rebuilt_from.build_id"))), "")
         }
-        "BUILDKITE_REBUILT_FROM_BUILD_NUMBER" => {
-            text(Cow::Borrowed(only("build.rebuilt_from.build_number")))
-        }
+        "BUILDKITE_REBUILT_FROM_BUILD_NUMBER" => or(
+            text(Cow::Borrowed(only("build.rebuilt_from.build_number"))),
+            "",
+        ),
         _ => return None,
     };
     Some(value)
@@ -463,9 +474,11 @@ pub(crate) fn unsupported_env_message(name: &str) -> String {
     match suggest(name) {
         Some(s) => format!("{name:?} is not a valid environment variable, did you mean {s:?}?"),
         None => format!(
-            "Interpolation of {name:?} is not supported in conditionals. You can instead \
-             interpolate this variable at runtime (see \
-             https://buildkite.com/docs/pipelines/environment-variables#runtime-variable-interpolation)."
+            "Interpolation of {name:?} is not supported (see \
+             https://buildkite.com/docs/pipelines/environment-variables#variable-interpolation). \
+             You can instead interpolate this variable at runtime (see \
+             https://buildkite.com/docs/pipelines/environment-variables#runtime-variable-interpolation). \
+             If you are still having issues, please contact hello@buildkite.com."
         ),
     }
 }
