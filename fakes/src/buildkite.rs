@@ -15,6 +15,7 @@ use serde_json::{Map, Value, json};
 use crate::common::{
     Harness, Server, base64, harness_controls, iso_millis, lock, query_pairs, read_body, segments,
 };
+use crate::jobs::{self, Job, JobState, RetryRefused};
 use crate::webhook::{WebhookAuth, WebhookDelivery, WebhookEvent};
 
 /// The token [`FakeBuildkiteOptions::default`] accepts, with scopes `read_builds`,
@@ -87,6 +88,20 @@ pub struct FakeBuildkiteOptions {
     pub latency: Duration,
     /// How long a [`Fault::Hang`](crate::Fault::Hang) lasts (default 600 s).
     pub hang_for: Duration,
+    /// How far Buildkite's clock is from this machine's (negative: behind). Every time the
+    /// fake makes up (build and job timestamps, the `Date` header) is read from that clock, so
+    /// a client whose own clock runs fast can be tested. Zero by default.
+    pub clock_offset: chrono::Duration,
+}
+
+/// A wrong `Link` header the fake can send on listings (a misconfigured proxy, or a hostile
+/// server), set with [`FakeBuildkite::set_link_fault`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkFault {
+    /// Page links point at this base URL (e.g. `http://127.0.0.1:1234`) instead of the fake's.
+    OtherHost(String),
+    /// `rel="last"` names this page number (and `next` stays right).
+    LastPage(u64),
 }
 
 impl Default for FakeBuildkiteOptions {
@@ -104,6 +119,7 @@ impl Default for FakeBuildkiteOptions {
             web_url_base: "https://buildkite.com".to_owned(),
             latency: Duration::ZERO,
             hang_for: Duration::from_secs(600),
+            clock_offset: chrono::Duration::zero(),
         }
     }
 }
@@ -284,6 +300,9 @@ pub struct Build {
     pub started_at: Option<DateTime<Utc>>,
     /// When it finished (`None`: derived from the state).
     pub finished_at: Option<DateTime<Utc>>,
+    /// Its jobs (none by default: the state is then whatever the test sets). With jobs, the
+    /// build's state follows them when one is retried or changed (see [`crate::Job`]).
+    pub jobs: Vec<Job>,
 }
 
 impl Build {
@@ -317,7 +336,14 @@ impl Build {
             scheduled_at: None,
             started_at: None,
             finished_at: None,
+            jobs: Vec::new(),
         }
+    }
+
+    /// With one more job.
+    pub fn with_job(mut self, job: Job) -> Self {
+        self.jobs.push(job);
+        self
     }
 
     /// With this state.
@@ -440,6 +466,14 @@ struct Inner {
     opts: FakeBuildkiteOptions,
     base: String,
     store: Mutex<Store>,
+    link_fault: Mutex<Option<LinkFault>>,
+}
+
+impl Inner {
+    /// Buildkite's clock.
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now() + self.opts.clock_offset
+    }
 }
 
 /// A simulated Buildkite REST API on 127.0.0.1, serving until dropped.
@@ -481,6 +515,7 @@ impl FakeBuildkite {
                     opts,
                     base,
                     store: Mutex::new(store),
+                    link_fault: Mutex::new(None),
                 });
                 slot = Some(inner.clone());
                 Router::new().fallback(dispatch).with_state(inner)
@@ -533,12 +568,12 @@ impl FakeBuildkite {
     /// Panics if the pipeline was not added (a mistake in the test, not in the client).
     pub fn add_build(&self, build: Build) -> Build {
         let mut store = lock(&self.inner.store);
-        insert_build(&mut store, build, Utc::now())
+        insert_build(&mut store, build, self.inner.now())
     }
 
     /// Add many builds at once (cheaper than one by one for thousands).
     pub fn add_builds(&self, builds: impl IntoIterator<Item = Build>) -> Vec<Build> {
-        let now = Utc::now();
+        let now = self.inner.now();
         let mut store = lock(&self.inner.store);
         builds
             .into_iter()
@@ -627,7 +662,7 @@ impl FakeBuildkite {
         let before = store.builds.get(handle)?.created();
         let build = store.builds.get_mut(handle)?;
         change(build);
-        build.settle_times(Utc::now());
+        build.settle_times(self.inner.now());
         let after = build.created();
         let updated = build.clone();
         if before != after {
@@ -636,6 +671,55 @@ impl FakeBuildkite {
             store.order.insert(pos, handle);
         }
         Some(updated)
+    }
+
+    /// Buildkite's clock (this machine's plus [`FakeBuildkiteOptions::clock_offset`]).
+    pub fn now(&self) -> DateTime<Utc> {
+        self.inner.now()
+    }
+
+    /// Make listings send a wrong `Link` header (`None`: right ones again).
+    pub fn set_link_fault(&self, fault: Option<LinkFault>) {
+        *lock(&self.inner.link_fault) = fault;
+    }
+
+    /// Retry job `job_id` of build `org/pipeline#number`, as a user pressing "Retry" does (the
+    /// REST route `PUT .../builds/{number}/jobs/{id}/retry` does the same): the new job, or why
+    /// Buildkite refuses. The build goes back to `running`; see [`crate::Job`].
+    pub fn retry_job(
+        &self,
+        org: &str,
+        pipeline: &str,
+        number: u64,
+        job_id: &str,
+    ) -> Result<Job, RetryRefused> {
+        self.inner.retry_job(org, pipeline, number, job_id)
+    }
+
+    /// Move job `job_id` of build `org/pipeline#number` to `state` (with its times) and the
+    /// build to the state its jobs now make. `None` if there is no such build or job.
+    pub fn set_job_state(
+        &self,
+        org: &str,
+        pipeline: &str,
+        number: u64,
+        job_id: &str,
+        state: JobState,
+    ) -> Option<Build> {
+        let now = self.inner.now();
+        let mut store = lock(&self.inner.store);
+        let handle = *store
+            .by_number
+            .get(&(org.to_owned(), pipeline.to_owned(), number))?;
+        let build = store.builds.get_mut(handle)?;
+        let job = build.jobs.iter_mut().find(|j| j.id == job_id)?;
+        job.state = state;
+        job.settle_times(now);
+        if let Some(next) = jobs::build_state_from(&build.jobs) {
+            build.state = next;
+        }
+        build.settle_times(now);
+        Some(build.clone())
     }
 
     /// A webhook delivery for `event` about build `org/pipeline#number`, as Buildkite would send
@@ -659,7 +743,7 @@ impl FakeBuildkite {
             .get(&(build.org.clone(), build.pipeline.clone()))?;
         let body = json!({
             "event": event.as_str(),
-            "build": self.inner.build_json(build, entry, false, false),
+            "build": self.inner.build_json(build, entry, JobsShown::None, false),
             "pipeline": entry.json.clone(),
             "sender": sender_json(),
         });
@@ -686,7 +770,7 @@ impl FakeBuildkite {
                 "web_url": format!("{}/{org}", self.inner.opts.web_url_base),
                 "name": org,
                 "slug": org,
-                "created_at": iso_millis(Utc::now()),
+                "created_at": iso_millis(self.inner.now()),
             },
             "sender": sender_json(),
         });
@@ -831,6 +915,27 @@ fn pipeline_json(base: &str, web: &str, p: &Pipeline) -> Value {
     v
 }
 
+/// Which jobs a build answer carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JobsShown {
+    /// No `jobs` field (webhooks, `exclude_jobs=true`).
+    None,
+    /// The jobs that were not retried (the default).
+    Current,
+    /// Every job (`include_retried_jobs=true`).
+    WithRetried,
+}
+
+impl JobsShown {
+    fn from_flags(exclude_jobs: bool, include_retried: bool) -> Self {
+        match (exclude_jobs, include_retried) {
+            (true, _) => Self::None,
+            (false, false) => Self::Current,
+            (false, true) => Self::WithRetried,
+        }
+    }
+}
+
 fn opt_time(t: Option<DateTime<Utc>>) -> Value {
     t.map_or(Value::Null, |t| Value::String(iso_millis(t)))
 }
@@ -840,7 +945,7 @@ impl Inner {
         &self,
         b: &Build,
         entry: &PipelineEntry,
-        with_jobs: bool,
+        jobs: JobsShown,
         with_pipeline: bool,
     ) -> Value {
         let api = format!(
@@ -874,8 +979,19 @@ impl Inner {
             "rebuilt_from": null,
         });
         if let Some(obj) = v.as_object_mut() {
-            if with_jobs {
-                obj.insert("jobs".to_owned(), json!([]));
+            let web_url = format!(
+                "{}/{}/{}/builds/{}",
+                self.opts.web_url_base, b.org, b.pipeline, b.number
+            );
+            let shown = |j: &&Job| jobs == JobsShown::WithRetried || !j.retried;
+            if jobs != JobsShown::None {
+                let list: Vec<Value> = b
+                    .jobs
+                    .iter()
+                    .filter(shown)
+                    .map(|j| j.json(&web_url))
+                    .collect();
+                obj.insert("jobs".to_owned(), Value::Array(list));
             }
             if with_pipeline {
                 obj.insert("pipeline".to_owned(), entry.json.clone());
@@ -1071,7 +1187,18 @@ fn reset_secs(w: &Window, now: Instant, window: Duration) -> u64 {
     secs.max(1)
 }
 
+/// Every answer carries Buildkite's `Date` (from its clock, which may differ from this
+/// machine's: [`FakeBuildkiteOptions::clock_offset`]).
 async fn dispatch(State(inner): State<Arc<Inner>>, req: Request) -> Response {
+    let date = inner.now().format("%a, %d %b %Y %H:%M:%S GMT").to_string();
+    let mut resp = route(&inner, req).await;
+    if let Ok(v) = HeaderValue::from_str(&date) {
+        resp.headers_mut().insert(header::DATE, v);
+    }
+    resp
+}
+
+async fn route(inner: &Arc<Inner>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let segs = segments(parts.uri.path());
     let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
@@ -1081,7 +1208,7 @@ async fn dispatch(State(inner): State<Arc<Inner>>, req: Request) -> Response {
     match segs.as_slice() {
         [] if method == Method::GET => (
             StatusCode::OK,
-            axum::Json(json!({"message": "🛠", "timestamp": Utc::now().timestamp()})),
+            axum::Json(json!({"message": "🛠", "timestamp": inner.now().timestamp()})),
         )
             .into_response(),
         ["v2", "access-token"] if method == Method::GET => match inner.authorize(h, None, None) {
@@ -1152,6 +1279,34 @@ async fn dispatch(State(inner): State<Arc<Inner>>, req: Request) -> Response {
             Err(r) => r,
             Ok(g) => with_headers(inner.get_build(org, slug, number, &query), g.headers),
         },
+        [
+            "v2",
+            "organizations",
+            org,
+            "pipelines",
+            slug,
+            "builds",
+            number,
+            "jobs",
+            job,
+            "retry",
+        ] if method == Method::PUT => match inner.authorize(h, Some(org), Some("write_builds")) {
+            Err(r) => r,
+            Ok(g) => with_headers(inner.retry_job_answer(org, slug, number, job), g.headers),
+        },
+        [
+            "v2",
+            "organizations",
+            org,
+            "pipelines",
+            slug,
+            "builds",
+            number,
+            "retry_failed_jobs",
+        ] if method == Method::PUT => match inner.authorize(h, Some(org), Some("write_builds")) {
+            Err(r) => r,
+            Ok(g) => with_headers(inner.retry_failed_jobs(org, slug, number), g.headers),
+        },
         _ => not_found(),
     }
 }
@@ -1170,6 +1325,7 @@ struct ListQuery {
     creator: Option<String>,
     meta: Vec<(String, String)>,
     exclude_jobs: bool,
+    include_retried_jobs: bool,
     exclude_pipeline: bool,
 }
 
@@ -1193,6 +1349,10 @@ fn parse_bool(s: &str) -> bool {
 }
 
 impl ListQuery {
+    fn jobs_shown(&self) -> JobsShown {
+        JobsShown::from_flags(self.exclude_jobs, self.include_retried_jobs)
+    }
+
     fn parse(pairs: &[(String, String)]) -> Result<Self, Response> {
         let mut q = ListQuery {
             page: 1,
@@ -1207,6 +1367,7 @@ impl ListQuery {
             creator: None,
             meta: Vec::new(),
             exclude_jobs: false,
+            include_retried_jobs: false,
             exclude_pipeline: false,
         };
         for (k, v) in pairs {
@@ -1274,6 +1435,7 @@ impl ListQuery {
                 "commit" | "commit[]" => q.commits.push(v.clone()),
                 "creator" => q.creator = Some(v.clone()),
                 "exclude_jobs" => q.exclude_jobs = parse_bool(v),
+                "include_retried_jobs" => q.include_retried_jobs = parse_bool(v),
                 "exclude_pipeline" => q.exclude_pipeline = parse_bool(v),
                 other => {
                     if let Some(key) = other
@@ -1406,7 +1568,7 @@ impl Inner {
             .filter_map(|&h| {
                 let b = store.builds.get(h)?;
                 let e = store.pipelines.get(&(b.org.clone(), b.pipeline.clone()))?;
-                Some(self.build_json(b, e, !q.exclude_jobs, !q.exclude_pipeline))
+                Some(self.build_json(b, e, q.jobs_shown(), !q.exclude_pipeline))
             })
             .collect();
         drop(store);
@@ -1428,24 +1590,127 @@ impl Inner {
         last: usize,
     ) -> Option<String> {
         let kept: Vec<&(String, String)> = pairs.iter().filter(|(k, _)| k != "page").collect();
-        let url_for = |n: usize| {
+        let fault = lock(&self.link_fault).clone();
+        let url_for = |n: u64| {
             let mut ser = url::form_urlencoded::Serializer::new(String::new());
             for (k, v) in &kept {
                 ser.append_pair(k, v);
             }
             ser.append_pair("page", &n.to_string());
-            format!("{}{}?{}", self.base, path, ser.finish())
+            let base = match &fault {
+                Some(LinkFault::OtherHost(other)) => other.trim_end_matches('/'),
+                _ => self.base.as_str(),
+            };
+            format!("{}{}?{}", base, path, ser.finish())
         };
+        let (page, last) = (page as u64, last as u64);
         let mut rels = Vec::new();
         if page < last {
+            let named_last = match fault {
+                Some(LinkFault::LastPage(n)) => n,
+                _ => last,
+            };
             rels.push(format!("<{}>; rel=\"next\"", url_for(page + 1)));
-            rels.push(format!("<{}>; rel=\"last\"", url_for(last)));
+            rels.push(format!("<{}>; rel=\"last\"", url_for(named_last)));
         }
         if page > 1 {
             rels.push(format!("<{}>; rel=\"first\"", url_for(1)));
             rels.push(format!("<{}>; rel=\"prev\"", url_for((page - 1).min(last))));
         }
         (!rels.is_empty()).then(|| rels.join(", "))
+    }
+
+    fn retry_job(
+        &self,
+        org: &str,
+        pipeline: &str,
+        number: u64,
+        job_id: &str,
+    ) -> Result<Job, RetryRefused> {
+        let now = self.now();
+        let mut store = lock(&self.store);
+        let refused = |status, msg: &str| RetryRefused {
+            status,
+            message: msg.to_owned(),
+        };
+        let handle = *store
+            .by_number
+            .get(&(org.to_owned(), pipeline.to_owned(), number))
+            .ok_or_else(|| refused(404, "No build found"))?;
+        let build = store
+            .builds
+            .get_mut(handle)
+            .ok_or_else(|| refused(404, "No build found"))?;
+        let job = jobs::retry(&mut build.jobs, build.state, job_id)?;
+        // The same build runs again: back to a non-terminal state, a new start, no finish.
+        // (Its first finish may be one the fake made up ahead of now: start after it.)
+        let start = build
+            .finished_at
+            .map_or(now, |f| now.max(f + chrono::Duration::milliseconds(1)));
+        build.state = jobs::build_state_from(&build.jobs).unwrap_or(BuildState::Running);
+        build.started_at = Some(start);
+        build.finished_at = None;
+        build.settle_times(now);
+        Ok(job)
+    }
+
+    /// `PUT .../builds/{number}/jobs/{id}/retry`: 200 and the new job.
+    fn retry_job_answer(&self, org: &str, pipeline: &str, number: &str, job_id: &str) -> Response {
+        let Ok(number) = number.parse::<u64>() else {
+            return message(StatusCode::NOT_FOUND, "No build found");
+        };
+        match self.retry_job(org, pipeline, number, job_id) {
+            Ok(job) => {
+                let web = format!(
+                    "{}/{org}/{pipeline}/builds/{number}",
+                    self.opts.web_url_base
+                );
+                axum::Json(job.json(&web)).into_response()
+            }
+            Err(r) => message(
+                StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_REQUEST),
+                r.message,
+            ),
+        }
+    }
+
+    /// `PUT .../builds/{number}/retry_failed_jobs`: 202 and how many jobs were retried (every
+    /// failed or timed-out job that was not retried yet).
+    fn retry_failed_jobs(&self, org: &str, pipeline: &str, number: &str) -> Response {
+        let Some(number) = number.parse::<u64>().ok() else {
+            return message(StatusCode::NOT_FOUND, "No build found");
+        };
+        let failed: Vec<String> = {
+            let store = lock(&self.store);
+            let Some(build) = store
+                .by_number
+                .get(&(org.to_owned(), pipeline.to_owned(), number))
+                .and_then(|&h| store.builds.get(h))
+            else {
+                return message(StatusCode::NOT_FOUND, "No build found");
+            };
+            build
+                .jobs
+                .iter()
+                .filter(|j| !j.retried && matches!(j.state, JobState::Failed | JobState::TimedOut))
+                .map(|j| j.id.clone())
+                .collect()
+        };
+        let mut count = 0;
+        for id in failed {
+            match self.retry_job(org, pipeline, number, &id) {
+                Ok(_) => count += 1,
+                Err(r) if r.status == 422 => {
+                    return message(StatusCode::UNPROCESSABLE_ENTITY, r.message);
+                }
+                Err(_) => {}
+            }
+        }
+        (
+            StatusCode::ACCEPTED,
+            axum::Json(json!({ "retried_jobs_count": count })),
+        )
+            .into_response()
     }
 
     fn get_build(
@@ -1471,7 +1736,7 @@ impl Inner {
         let v = self.build_json(
             build,
             entry,
-            !exclude("exclude_jobs"),
+            JobsShown::from_flags(exclude("exclude_jobs"), exclude("include_retried_jobs")),
             !exclude("exclude_pipeline"),
         );
         axum::Json(v).into_response()
@@ -1581,7 +1846,7 @@ impl Inner {
             ..Build::new(org, slug, commit, branch)
         };
         let mut store = lock(&self.store);
-        let Some(stored) = try_insert_build(&mut store, build, Utc::now()) else {
+        let Some(stored) = try_insert_build(&mut store, build, self.now()) else {
             return message(StatusCode::NOT_FOUND, "No pipeline found");
         };
         if let Some(&h) =
@@ -1594,7 +1859,7 @@ impl Inner {
         let Some(entry) = store.pipelines.get(&(org.to_owned(), slug.to_owned())) else {
             return not_found();
         };
-        let v = self.build_json(&stored, entry, true, true);
+        let v = self.build_json(&stored, entry, JobsShown::Current, true);
         (StatusCode::CREATED, axum::Json(v)).into_response()
     }
 }

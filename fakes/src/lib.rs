@@ -10,7 +10,9 @@
 //!
 //! - [`FakeBuildkite`]: `GET /v2/organizations/{org}/builds`,
 //!   `GET|POST /v2/organizations/{org}/pipelines/{slug}/builds`,
-//!   `GET .../builds/{number}`, `GET .../pipelines/{slug}`, `GET /v2/access-token`.
+//!   `GET .../builds/{number}`, `GET .../pipelines/{slug}`, `GET /v2/access-token`,
+//!   `PUT .../builds/{number}/jobs/{id}/retry` and `PUT .../builds/{number}/retry_failed_jobs`
+//!   (a retried job is a new job and the same build runs again: [`Job`]).
 //!   Enforced: Bearer token (401) and its scopes (403); unknown organization or pipeline (404);
 //!   newest-created-first order; filters `created_from`, `created_to` (exclusive),
 //!   `finished_from` (ISO 8601, 422 when unparseable), `state`/`state[]` (incl. `finished`;
@@ -20,7 +22,9 @@
 //!   (`next`, `last`, `first`, `prev`, absolute URLs keeping the query); the organization rate
 //!   limit per window (and optionally the per-user one) with `RateLimit-*` headers on every
 //!   authenticated answer and Buildkite's 429 body; build creation (201, 422
-//!   `Validation Failed` without `commit`/`branch`, 404 unknown pipeline).
+//!   `Validation Failed` without `commit`/`branch`, 404 unknown pipeline). Its clock may be set
+//!   off this machine's (`clock_offset`, also in the `Date` header), and its `Link` headers
+//!   made wrong ([`LinkFault`]).
 //! - [`WebhookDelivery`] / [`deliver_webhook`]: Buildkite webhook requests shaped like the real
 //!   ones (`event`, `build` without jobs, `pipeline`, `sender`), with `X-Buildkite-Event` and
 //!   either `X-Buildkite-Token` or `X-Buildkite-Signature`.
@@ -56,6 +60,7 @@
 mod bitbucket;
 mod buildkite;
 mod common;
+mod jobs;
 mod webhook;
 
 pub use bitbucket::{
@@ -65,7 +70,8 @@ pub use bitbucket::{
 };
 pub use buildkite::{
     ApiToken, Build, BuildState, DEFAULT_BUILDKITE_TOKEN, DEFAULT_ORGANIZATION, DEFAULT_PER_PAGE,
-    FakeBuildkite, FakeBuildkiteOptions, MAX_PER_PAGE, Pipeline,
+    FakeBuildkite, FakeBuildkiteOptions, LinkFault, MAX_PER_PAGE, Pipeline,
 };
 pub use common::{Fault, RequestRecord};
+pub use jobs::{Job, JobState, RetryRefused};
 pub use webhook::{WebhookAuth, WebhookDelivery, WebhookEvent, deliver_webhook, sign_webhook};

@@ -711,3 +711,187 @@ async fn listing_too_deep_is_refused_when_configured() {
             .starts_with("Listing builds this deep")
     );
 }
+
+async fn put(bk: &FakeBuildkite, path: &str, token: &str) -> reqwest::Response {
+    client()
+        .put(format!("{}{path}", bk.url()))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn retrying_a_job_runs_the_same_build_again() {
+    let bk = fake().await;
+    let b = bk.add_build(
+        Build::new(ORG, "web-app", SHA, "main")
+            .with_state(BuildState::Failed)
+            .with_job(Job::new("build", JobState::Passed))
+            .with_job(Job::new("test", JobState::Failed)),
+    );
+    let failed_at = b.finished_at.unwrap();
+    let (lint, test) = (b.jobs[0].id.clone(), b.jobs[1].id.clone());
+    let base = format!(
+        "/v2/organizations/{ORG}/pipelines/web-app/builds/{}",
+        b.number
+    );
+
+    // Scope, then Buildkite's rules: a passed job cannot be retried.
+    let r = put(&bk, &format!("{base}/jobs/{test}/retry"), "read-only").await;
+    assert_eq!(r.status(), 403);
+    let r = put(
+        &bk,
+        &format!("{base}/jobs/{lint}/retry"),
+        DEFAULT_BUILDKITE_TOKEN,
+    )
+    .await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["message"],
+        "Only failed, timed out or canceled jobs can be retried"
+    );
+
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let r = put(
+        &bk,
+        &format!("{base}/jobs/{test}/retry"),
+        DEFAULT_BUILDKITE_TOKEN,
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let new: Value = r.json().await.unwrap();
+    assert_ne!(new["id"], test.as_str());
+    assert_eq!(new["retries_count"], 1);
+    assert_eq!(new["retry_source"]["job_id"], test.as_str());
+    assert_eq!(new["retry_type"], "manual");
+    assert_eq!(new["state"], "scheduled");
+
+    // The old id is retried once only.
+    let r = put(
+        &bk,
+        &format!("{base}/jobs/{test}/retry"),
+        DEFAULT_BUILDKITE_TOKEN,
+    )
+    .await;
+    assert_eq!(r.status(), 400);
+
+    // The same build (id and number) is running again, without a finish.
+    let v: Value = get(&bk, &base, DEFAULT_BUILDKITE_TOKEN)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["id"], b.id.as_str());
+    assert_eq!(v["state"], "running");
+    assert!(v["finished_at"].is_null(), "{v}");
+    assert_eq!(
+        v["jobs"].as_array().unwrap().len(),
+        2,
+        "retried jobs hidden"
+    );
+    let v: Value = get(
+        &bk,
+        &format!("{base}?include_retried_jobs=true"),
+        DEFAULT_BUILDKITE_TOKEN,
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let jobs = v["jobs"].as_array().unwrap();
+    assert_eq!(jobs.len(), 3);
+    let old = jobs.iter().find(|j| j["id"] == test.as_str()).unwrap();
+    assert_eq!(old["retried"], true);
+    assert_eq!(old["retried_in_job_id"], new["id"]);
+
+    // The new job passes: the build passed, finished later than its first finish.
+    let new_id = new["id"].as_str().unwrap();
+    bk.set_job_state(ORG, "web-app", b.number, new_id, JobState::Running)
+        .unwrap();
+    let passed = bk
+        .set_job_state(ORG, "web-app", b.number, new_id, JobState::Passed)
+        .unwrap();
+    assert_eq!(passed.state, BuildState::Passed);
+    assert!(passed.finished_at.unwrap() > failed_at);
+    assert!(passed.started_at.unwrap() > failed_at);
+
+    // retry_failed_jobs: 202 with a count; canceled builds refuse with 422.
+    let r = put(
+        &bk,
+        &format!("{base}/retry_failed_jobs"),
+        DEFAULT_BUILDKITE_TOKEN,
+    )
+    .await;
+    assert_eq!(r.status(), 202);
+    assert_eq!(r.json::<Value>().await.unwrap()["retried_jobs_count"], 0);
+    let c = bk.add_build(
+        Build::new(ORG, "web-app", SHA, "main")
+            .with_state(BuildState::Canceled)
+            .with_job(Job::new("test", JobState::Canceled)),
+    );
+    let r = put(
+        &bk,
+        &format!(
+            "/v2/organizations/{ORG}/pipelines/web-app/builds/{}/jobs/{}/retry",
+            c.number, c.jobs[0].id
+        ),
+        DEFAULT_BUILDKITE_TOKEN,
+    )
+    .await;
+    assert_eq!(r.status(), 422);
+}
+
+#[tokio::test]
+async fn a_clock_offset_shows_in_timestamps_and_the_date_header() {
+    let bk = FakeBuildkite::start(FakeBuildkiteOptions {
+        clock_offset: chrono::Duration::minutes(-10),
+        ..FakeBuildkiteOptions::default()
+    })
+    .await;
+    bk.add_pipeline(Pipeline::new(
+        ORG,
+        "web",
+        "Web",
+        "ssh://git@x:7999/p/web.git",
+    ));
+    let b = bk.add_build(Build::new(ORG, "web", SHA, "main").with_state(BuildState::Passed));
+    let behind = Utc::now() - b.finished_at.unwrap();
+    assert!(behind > chrono::Duration::minutes(9), "{behind}");
+    let r = get(
+        &bk,
+        &format!("/v2/organizations/{ORG}/builds"),
+        DEFAULT_BUILDKITE_TOKEN,
+    )
+    .await;
+    let date = r.headers()["date"].to_str().unwrap().to_owned();
+    let date = chrono::DateTime::parse_from_rfc2822(&date).unwrap();
+    let behind = Utc::now() - date.with_timezone(&Utc);
+    assert!(behind > chrono::Duration::minutes(9), "{behind}");
+}
+
+#[tokio::test]
+async fn link_faults_point_elsewhere_or_name_a_huge_last_page() {
+    let bk = fake().await;
+    for n in 1..=3 {
+        bk.add_build(Build::new(ORG, "web-app", format!("{n:040x}"), "main"));
+    }
+    let path = format!("/v2/organizations/{ORG}/builds?per_page=1");
+    bk.set_link_fault(Some(LinkFault::OtherHost("http://127.0.0.2:9".into())));
+    let r = get(&bk, &path, DEFAULT_BUILDKITE_TOKEN).await;
+    let links = parse_links(r.headers().get("link"));
+    assert!(
+        links
+            .iter()
+            .all(|(_, u)| u.starts_with("http://127.0.0.2:9/")),
+        "{links:?}"
+    );
+    bk.set_link_fault(Some(LinkFault::LastPage(u64::MAX)));
+    let r = get(&bk, &path, DEFAULT_BUILDKITE_TOKEN).await;
+    let links = parse_links(r.headers().get("link"));
+    let last = links.iter().find(|(rel, _)| rel == "last").unwrap();
+    assert!(last.1.ends_with(&format!("page={}", u64::MAX)), "{links:?}");
+    let next = links.iter().find(|(rel, _)| rel == "next").unwrap();
+    assert!(next.1.ends_with("page=2"), "{links:?}");
+    bk.set_link_fault(None);
+}
