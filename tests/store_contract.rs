@@ -57,6 +57,7 @@ contract!(
     ledger_dedupes_and_never_regresses,
     ledger_outbox_holds_what_is_not_delivered,
     ledger_out_of_order_delivery_reposts_the_newest,
+    ledger_an_unanswered_post_gets_the_newest_posted_after_it,
     ledger_race_keeps_the_newest,
     firing_once_per_source_build,
     firing_race_exactly_one_wins,
@@ -505,6 +506,102 @@ async fn ledger_out_of_order_delivery_reposts_the_newest(kv: Kv) {
             .unwrap()
             .is_empty()
     );
+}
+
+async fn ledger_an_unanswered_post_gets_the_newest_posted_after_it(kv: Kv) {
+    let store = Store::from_arc(kv);
+    let settle = Utc::now() + chrono::Duration::seconds(30);
+    let due_after = |at| {
+        let store = store.clone();
+        async move { store.due(at, 10).await.unwrap() }
+    };
+
+    // 1. running's post times out (it may still land); passed comes and is delivered before
+    //    running's post could have landed: passed goes out again after that.
+    let running = status(SHA, "acme/web", (5 << 8) | 3, "INPROGRESS");
+    let passed = status(SHA, "acme/web", (5 << 8) | 7, "SUCCESSFUL");
+    store.begin_report(&running, LEASE).await.unwrap();
+    store
+        .defer(SHA, "acme/web", running.version, settle, "timed out", true)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.begin_report(&passed, LEASE).await.unwrap(),
+        Begin::Post
+    );
+    assert_eq!(
+        store
+            .delivered(SHA, "acme/web", passed.version)
+            .await
+            .unwrap(),
+        None
+    );
+    assert!(
+        due_after(Utc::now()).await.is_empty(),
+        "not before it can land"
+    );
+    let due = due_after(settle).await;
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].status, passed);
+    // Until re-posted, it is wanted, not "already reported".
+    assert_eq!(
+        store
+            .standing(SHA, "acme/web", passed.version)
+            .await
+            .unwrap(),
+        Standing::Wanted
+    );
+    // The re-post is delivered: done, nothing more.
+    assert_eq!(
+        store
+            .delivered(SHA, "acme/web", passed.version)
+            .await
+            .unwrap(),
+        None
+    );
+    assert!(
+        due_after(settle + chrono::Duration::hours(1))
+            .await
+            .is_empty()
+    );
+    assert_eq!(
+        store
+            .standing(SHA, "acme/web", passed.version)
+            .await
+            .unwrap(),
+        Standing::AlreadyReported
+    );
+
+    // 2. The other order: passed was delivered while running's post hung; running's post then
+    //    times out: passed goes back in the outbox, due once running's post can have landed.
+    let other = "acme/api";
+    let running = status(SHA, other, (6 << 8) | 3, "INPROGRESS");
+    let passed = status(SHA, other, (6 << 8) | 7, "SUCCESSFUL");
+    store.begin_report(&running, LEASE).await.unwrap();
+    store.begin_report(&passed, LEASE).await.unwrap();
+    store.delivered(SHA, other, passed.version).await.unwrap();
+    store
+        .defer(SHA, other, running.version, settle, "timed out", true)
+        .await
+        .unwrap();
+    assert!(due_after(Utc::now()).await.is_empty());
+    let due = due_after(settle).await;
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].status, passed);
+
+    // 3. A post that failed for sure (not ambiguous) asks for nothing more.
+    let key = "acme/docs";
+    let running = status(SHA, key, (7 << 8) | 3, "INPROGRESS");
+    let passed = status(SHA, key, (7 << 8) | 7, "SUCCESSFUL");
+    store.begin_report(&running, LEASE).await.unwrap();
+    store
+        .defer(SHA, key, running.version, settle, "HTTP 503", false)
+        .await
+        .unwrap();
+    store.begin_report(&passed, LEASE).await.unwrap();
+    store.delivered(SHA, key, passed.version).await.unwrap();
+    let due = due_after(settle + chrono::Duration::hours(1)).await;
+    assert!(due.iter().all(|p| p.status.key != key), "{due:?}");
 }
 
 async fn ledger_race_keeps_the_newest(kv: Kv) {

@@ -129,7 +129,8 @@ pub fn app_state(config: Config, store: Store) -> Result<AppState, Error> {
             pacer.clone(),
             config.post_concurrency,
         )
-        .with_give_up_after(config.delivery.give_up_after);
+        .with_give_up_after(config.delivery.give_up_after)
+        .with_unanswered_settle(config.http_timeout);
         match &recheck {
             Some(rc) => r.with_recheck(rc.clone()),
             None => r,

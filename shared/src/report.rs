@@ -138,6 +138,9 @@ pub struct Reporter {
     /// Longest wait for a turn before the status is left to the outbox.
     max_wait: Duration,
     give_up_after: Duration,
+    /// How long an unanswered post may still take to land on Bitbucket: a retry of it, or the
+    /// re-post of a newer state it may land on, waits that long.
+    settle: Duration,
 }
 
 /// When a refused status (400, 401, 404...) is tried again: hourly, so it is delivered once a
@@ -166,6 +169,7 @@ impl Reporter {
             priority: Priority::Backlog,
             max_wait: Duration::from_secs(60),
             give_up_after: Duration::from_secs(72 * 3600),
+            settle: Duration::from_secs(10),
         }
     }
 
@@ -186,6 +190,13 @@ impl Reporter {
 
     pub fn with_give_up_after(mut self, after: Duration) -> Reporter {
         self.give_up_after = after;
+        self
+    }
+
+    /// How long a post that got no answer may still land (the HTTP timeout is a fair bound: a
+    /// server that held a request that long before acting is rare).
+    pub fn with_unanswered_settle(mut self, settle: Duration) -> Reporter {
+        self.settle = settle;
         self
     }
 
@@ -380,6 +391,10 @@ impl Reporter {
             }
             let next = if refused {
                 Utc::now() + REFUSED_RETRY
+            } else if error.is_ambiguous() {
+                // It may still land: what goes next (its retry, or the newest state again)
+                // must come after it.
+                Utc::now() + self.settle
             } else {
                 // The destination's backoff decides when: due at the next drain.
                 Utc::now()

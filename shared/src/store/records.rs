@@ -164,9 +164,9 @@ pub trait StatusLedger: Send + Sync {
     ) -> Result<Option<StatusRecord>>;
 
     /// Delivery of `version` failed; try again at `next_attempt_at`. `ambiguous`: the post may
-    /// still land (it timed out, or the connection dropped after it was sent); if a newer
-    /// version was delivered meanwhile, that newest one is queued to be posted again, since
-    /// this one may land on top of it.
+    /// still land (it timed out, or the connection dropped after it was sent) until
+    /// `next_attempt_at`: whatever newer status is delivered before then (or was already) is
+    /// posted once more at that time, since this one may land on top of it.
     async fn defer(
         &self,
         commit: &str,
@@ -519,6 +519,10 @@ struct StatusDoc {
     /// [`PendingStatus::queued_at`]); `None` once delivered.
     #[serde(default)]
     queued_at: Option<DateTime<Utc>>,
+    /// A post for this (commit, key) got no answer and may still land until then: whatever is
+    /// delivered before that is posted once more after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    unanswered_until: Option<DateTime<Utc>>,
 }
 
 fn status_pk(commit: &str) -> String {
@@ -571,6 +575,10 @@ impl StatusLedger for Store {
                 reported: current.as_ref().and_then(|c| c.value.reported.clone()),
                 leased_until: Some(now + lease),
                 queued_at: Some(queued_at),
+                unanswered_until: current
+                    .as_ref()
+                    .and_then(|c| c.value.unanswered_until)
+                    .filter(|until| *until > now),
             };
             let pending = PendingStatus {
                 status: status.clone(),
@@ -632,14 +640,31 @@ impl StatusLedger for Store {
                 // recorded by number so it is not posted again.
                 format!("version {version}")
             };
+            let now = Utc::now();
             doc.reported = Some(ReportedStatus {
                 version,
                 state,
-                at: Utc::now(),
+                at: now,
             });
+            // An earlier post that got no answer may still land on top of this one: post the
+            // newest once more after it can have landed.
+            let repost = match doc.unanswered_until.take() {
+                Some(until) if newer.is_none() && until > now => Some(until),
+                Some(until) if until > now => {
+                    doc.unanswered_until = Some(until);
+                    None
+                }
+                _ => None,
+            };
             if newer.is_none() {
-                doc.queued_at = None;
                 doc.leased_until = None;
+                doc.queued_at = None;
+            }
+            if repost.is_some() {
+                doc.reported = None;
+                doc.queued_at = Some(now);
+                tracing::info!(commit, key, version = %version,
+                    "an unanswered earlier post may land after this one: posting it again later");
             }
             let mut writes = vec![put(
                 pk.clone(),
@@ -649,7 +674,25 @@ impl StatusLedger for Store {
                 Some(STATUS_TTL),
                 Cond::Rev(current.rev),
             )?];
-            if newer.is_none() {
+            if let Some(until) = repost {
+                let pending = PendingStatus {
+                    status: doc.desired.clone(),
+                    attempts: 0,
+                    next_attempt_at: until,
+                    last_error: Some(
+                        "re-post: an earlier post got no answer and may land after this one".into(),
+                    ),
+                    queued_at: Some(now),
+                };
+                writes.push(put(
+                    OUTBOX.into(),
+                    outbox_sk(commit, key),
+                    1,
+                    &pending,
+                    None,
+                    Cond::Always,
+                )?);
+            } else if newer.is_none() {
                 writes.push(Write::Delete {
                     pk: OUTBOX.into(),
                     sk: outbox_sk(commit, key),
@@ -675,58 +718,82 @@ impl StatusLedger for Store {
         ambiguous: bool,
     ) -> Result<()> {
         let sk = outbox_sk(commit, key);
+        let pk = status_pk(commit);
         for _ in 0..CAS_ATTEMPTS {
             let entry = self.get_doc::<PendingStatus>(OUTBOX, &sk).await?;
-            let (pending, cond) = match entry {
+            let mut writes = Vec::new();
+            match entry {
                 Some(current) if current.value.status.version == version => {
                     let mut pending = current.value;
                     pending.attempts += 1;
                     pending.next_attempt_at = next_attempt_at;
                     pending.last_error = Some(error.chars().take(500).collect());
-                    (pending, Cond::Rev(current.rev))
+                    writes.push(put(
+                        OUTBOX.into(),
+                        sk.clone(),
+                        current.rev + 1,
+                        &pending,
+                        None,
+                        Cond::Rev(current.rev),
+                    )?);
                 }
-                // Superseded: the newer entry has its own schedule.
-                Some(_) => return Ok(()),
-                // Delivered meanwhile, by a newer post. If ours may still land on top of it,
-                // post the newest again.
-                None if ambiguous => {
-                    let Some(doc) = self.get_doc::<StatusDoc>(&status_pk(commit), key).await?
-                    else {
-                        return Ok(());
-                    };
-                    let newest = doc.value.desired;
-                    if newest.version <= version {
-                        return Ok(());
-                    }
-                    tracing::info!(commit, key, version = %version, newest = %newest.version,
+                // Superseded (the newer entry has its own schedule), or delivered meanwhile by
+                // a newer post: nothing to retry, unless this post may still land (below).
+                _ if !ambiguous => return Ok(()),
+                _ => {}
+            }
+            if ambiguous {
+                // Whatever is delivered for this (commit, key) before this post can have landed
+                // is posted once more after that (see `delivered`); a newer status delivered
+                // already goes back in the outbox now, due then.
+                let Some(doc) = self.get_doc::<StatusDoc>(&pk, key).await? else {
+                    return Ok(());
+                };
+                let mut value = doc.value.clone();
+                let newer_delivered = value.desired.version > version
+                    && value
+                        .reported
+                        .as_ref()
+                        .is_some_and(|r| r.version >= value.desired.version);
+                if newer_delivered {
+                    tracing::info!(commit, key, version = %version, newest = %value.desired.version,
                         "an unanswered post may land after a newer status: posting the newest again");
-                    let pending = PendingStatus {
-                        status: newest,
-                        attempts: 0,
-                        next_attempt_at: Utc::now(),
-                        last_error: Some(format!("re-post after an unanswered post of {version}")),
-                        queued_at: Some(Utc::now()),
-                    };
-                    (pending, Cond::Absent)
+                    let now = Utc::now();
+                    value.reported = None;
+                    value.queued_at = Some(now);
+                    writes.push(put(
+                        OUTBOX.into(),
+                        sk.clone(),
+                        1,
+                        &PendingStatus {
+                            status: value.desired.clone(),
+                            attempts: 0,
+                            next_attempt_at,
+                            last_error: Some(format!(
+                                "re-post after an unanswered post of {version}"
+                            )),
+                            queued_at: Some(now),
+                        },
+                        None,
+                        Cond::Always,
+                    )?);
+                } else {
+                    value.unanswered_until = Some(
+                        value
+                            .unanswered_until
+                            .map_or(next_attempt_at, |u| u.max(next_attempt_at)),
+                    );
                 }
-                None => return Ok(()),
-            };
-            let rev = match cond {
-                Cond::Rev(r) => r + 1,
-                _ => 1,
-            };
-            match self
-                .kv
-                .write(vec![put(
-                    OUTBOX.into(),
-                    sk.clone(),
-                    rev,
-                    &pending,
-                    None,
-                    cond,
-                )?])
-                .await
-            {
+                writes.push(put(
+                    pk.clone(),
+                    key.to_string(),
+                    doc.rev + 1,
+                    &value,
+                    Some(STATUS_TTL),
+                    Cond::Rev(doc.rev),
+                )?);
+            }
+            match self.kv.write(writes).await {
                 Ok(()) => return Ok(()),
                 Err(StoreError::Conflict) => continue,
                 Err(e) => return Err(e),
