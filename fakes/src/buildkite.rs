@@ -716,7 +716,12 @@ impl FakeBuildkite {
         job.state = state;
         job.settle_times(now);
         if let Some(next) = jobs::build_state_from(&build.jobs) {
-            build.state = next;
+            // A build that has started is not `scheduled` again while a retried job waits.
+            build.state = if build.started_at.is_some() {
+                running_again(Some(next))
+            } else {
+                next
+            };
         }
         build.settle_times(now);
         Some(build.clone())
@@ -824,6 +829,15 @@ fn insert_build(store: &mut Store, build: Build, now: DateTime<Utc>) -> Build {
         None => panic!(
             "FakeBuildkite::add_build: pipeline {org}/{pipeline} was not added (add_pipeline first)"
         ),
+    }
+}
+
+/// The state of a build that started already and whose jobs say `state`: `running` while a
+/// job waits for an agent (it does not go back to `scheduled`).
+fn running_again(state: Option<BuildState>) -> BuildState {
+    match state {
+        None | Some(BuildState::Scheduled) => BuildState::Running,
+        Some(s) => s,
     }
 }
 
@@ -1647,7 +1661,7 @@ impl Inner {
         let start = build
             .finished_at
             .map_or(now, |f| now.max(f + chrono::Duration::milliseconds(1)));
-        build.state = jobs::build_state_from(&build.jobs).unwrap_or(BuildState::Running);
+        build.state = running_again(jobs::build_state_from(&build.jobs));
         build.started_at = Some(start);
         build.finished_at = None;
         build.settle_times(now);

@@ -373,7 +373,11 @@ impl Reporter {
                     limited += 1;
                     continue;
                 }
-                Feedback::Unavailable if unavailable + 1 < UNAVAILABLE_TRIES => {
+                // Not after a post that may still land: what goes next must wait for it
+                // (below), and a newer status delivered meanwhile must be posted again after it.
+                Feedback::Unavailable
+                    if unavailable + 1 < UNAVAILABLE_TRIES && !error.is_ambiguous() =>
+                {
                     unavailable += 1;
                     continue;
                 }
