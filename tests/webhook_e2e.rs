@@ -849,6 +849,10 @@ async fn store_outage_answers_503_and_the_retry_is_recorded() {
     let (status, answer) = send(&router, &d).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
     assert_eq!(answer["error"], "unavailable");
+    // In words, without the store's own text.
+    let message = answer["message"].as_str().unwrap();
+    assert!(message.contains("store is unavailable"), "{answer}");
+    assert!(!message.contains("injected outage"), "{answer}");
     assert!(env.bb.posts().is_empty(), "nothing posted without a record");
     down.store(false, Ordering::SeqCst);
     let (status, answer) = send(&router, &d).await;

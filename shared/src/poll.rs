@@ -334,23 +334,12 @@ impl Poller {
 /// On Lambda, prints the CloudWatch Embedded Metric Format line that the template's "no
 /// successful poll" alarm counts (see `docs/aws.md`). Elsewhere it does nothing.
 pub fn emit_success_metric(summary: &Summary) {
-    let Ok(function) = std::env::var("AWS_LAMBDA_FUNCTION_NAME") else {
-        return;
-    };
-    let line = serde_json::json!({
-        "_aws": {
-            "Timestamp": Utc::now().timestamp_millis(),
-            "CloudWatchMetrics": [{
-                "Namespace": "kitebridge",
-                "Dimensions": [["Function"]],
-                "Metrics": [{"Name": "PollSucceeded", "Unit": "Count"}],
-            }],
-        },
-        "Function": function,
-        "PollSucceeded": 1,
-        "organizations": summary.organizations,
-        "builds": summary.builds_seen,
-        "posted": summary.reported.posted,
-    });
-    println!("{line}");
+    crate::telemetry::emit_count(
+        "PollSucceeded",
+        serde_json::json!({
+            "organizations": summary.organizations,
+            "builds": summary.builds_seen,
+            "posted": summary.reported.posted,
+        }),
+    );
 }

@@ -304,6 +304,10 @@ impl Reporter {
         tracing::error!(target: "kitebridge::outbox", commit = %s.commit, key = %s.key,
             state = %s.state, error, metric = "StatusAbandoned",
             "giving up on a status Bitbucket never took");
+        crate::telemetry::emit_count(
+            "StatusAbandoned",
+            serde_json::json!({"commit": s.commit, "key": s.key, "state": s.state, "error": error}),
+        );
         self.ledger.abandon(&s.commit, &s.key, s.version).await
     }
 

@@ -358,8 +358,10 @@ async fn build_event(state: &AppState, payload: &WebhookPayload, trace: &mut Tra
         "number": build.number,
         "pipeline": payload.pipeline.slug,
     });
-    let retry = |trace: &mut Trace, error: &str, message: String| {
-        trace.detail = Some(message.clone());
+    // The answer says in words what failed; the internal text (store and HTTP errors) goes to
+    // the log line only.
+    let retry = |trace: &mut Trace, error: &str, message: &str, detail: String| {
+        trace.detail = Some(detail);
         error_response(StatusCode::SERVICE_UNAVAILABLE, error, message)
     };
     let (code, status_word) = match step {
@@ -368,7 +370,8 @@ async fn build_event(state: &AppState, payload: &WebhookPayload, trace: &mut Tra
             return retry(
                 trace,
                 "unavailable",
-                format!("the status could not be recorded ({e}); retry the delivery"),
+                "the status could not be recorded: the store is unavailable; retry the delivery",
+                e.to_string(),
             );
         }
         StatusStep::ApiUnknown(e) => {
@@ -376,10 +379,10 @@ async fn build_event(state: &AppState, payload: &WebhookPayload, trace: &mut Tra
             return retry(
                 trace,
                 "bitbucket_unavailable",
-                format!(
-                    "Bitbucket's build-status API could not be determined ({e}); retry the \
-                     delivery (the next poll cycle reports this build in any case)"
-                ),
+                "Bitbucket could not be asked which build-status API it has (set BITBUCKET_API \
+                 to skip the question); retry the delivery (the next poll cycle reports this \
+                 build in any case)",
+                e.to_string(),
             );
         }
         StatusStep::NotConfigured => {
@@ -387,7 +390,8 @@ async fn build_event(state: &AppState, payload: &WebhookPayload, trace: &mut Tra
             return retry(
                 trace,
                 "unavailable",
-                "Bitbucket is not configured (BITBUCKET_URL and credentials)".into(),
+                "Bitbucket is not configured (BITBUCKET_URL and credentials)",
+                "not configured".into(),
             );
         }
         StatusStep::Skipped(reason) => {
@@ -436,9 +440,9 @@ async fn build_event(state: &AppState, payload: &WebhookPayload, trace: &mut Tra
         return retry(
             trace,
             "unavailable",
-            format!(
-                "the build could not be handed to release tracking or trigger rules ({e}); retry the delivery"
-            ),
+            "the build could not be handed to release tracking or trigger rules; retry the \
+             delivery",
+            e,
         );
     }
     set(&mut answer, "status", Value::String(status_word.into()));
