@@ -585,3 +585,57 @@ async fn a_post_applied_after_a_newer_one_is_corrected() {
     assert_eq!(health["outbox"]["depth"], 0, "{health}");
     drop(w.dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_build_that_is_unblocked_reports_its_run_and_its_end() {
+    let w = world().await;
+    let serve = Serve::start(&w);
+    let commit = sha(50);
+    let started = chrono::Utc::now() - chrono::Duration::minutes(5);
+    // A block step holds the build: Buildkite says `finished` with `blocked: true`.
+    let b = w.bk.add_build(
+        Build::new(ORG, "web", &commit, "main")
+            .with_created_at(started)
+            .with_state(BuildState::Passed)
+            .with_blocked(true),
+    );
+    serve
+        .webhook(&w, b.number, WebhookEvent::BuildFinished)
+        .await;
+    // Never a success while blocked (Data Center: FAILED, so a merge check does not pass).
+    let blocked = w.bb.status(&commit, KEY).unwrap();
+    assert_eq!(blocked.state, "FAILED");
+    assert!(
+        blocked.description.unwrap_or_default().contains("Blocked"),
+        "a blocked build says so"
+    );
+
+    // Someone unblocks it: running again (its started_at is the first run's: kitebridge asks
+    // Buildkite once whether this `build.running` is new), then it passes.
+    w.bk.update_build(ORG, "web", b.number, |b| {
+        b.blocked = false;
+        b.blocked_state = None;
+        b.state = BuildState::Running;
+    });
+    let (code, body) = serve
+        .webhook(&w, b.number, WebhookEvent::BuildRunning)
+        .await;
+    assert_eq!(code, 200, "{body}");
+    let running = w.bb.status(&commit, KEY).unwrap();
+    assert_eq!(running.state, "INPROGRESS");
+    assert!(!running.description.unwrap_or_default().contains("Blocked"));
+    w.bk.set_build_state(ORG, "web", b.number, BuildState::Passed);
+    serve
+        .webhook(&w, b.number, WebhookEvent::BuildFinished)
+        .await;
+    assert_eq!(state_on(&w, &commit).as_deref(), Some("SUCCESSFUL"));
+    assert_eq!(history(&w, &commit), ["FAILED", "INPROGRESS", "SUCCESSFUL"]);
+
+    // A rebuild (a new number) replaces it, whatever its state.
+    let rebuilt =
+        w.bk.add_build(Build::new(ORG, "web", &commit, "main").with_state(BuildState::Failed));
+    serve
+        .webhook(&w, rebuilt.number, WebhookEvent::BuildFinished)
+        .await;
+    assert_eq!(state_on(&w, &commit).as_deref(), Some("FAILED"));
+}
