@@ -719,7 +719,10 @@ impl ReleaseService {
         let (Cut { release, candidate }, resumed) =
             self.reserve(&project, &req, &commit, initial).await?;
         let Some(pipeline) = &project.build_pipeline else {
-            return Ok(Cut { release, candidate });
+            return Ok(Cut {
+                release,
+                candidate: candidate.answered(),
+            });
         };
 
         let mut env: BTreeMap<String, String> = project.env.clone();
@@ -774,7 +777,7 @@ impl ReleaseService {
                 .await?;
                 Ok(Cut {
                     release,
-                    candidate: started.unwrap_or(candidate),
+                    candidate: started.unwrap_or(candidate).answered(),
                 })
             }
             BuildOutcome::Unknown(e) => {
@@ -982,7 +985,7 @@ impl ReleaseService {
             .candidates(project, version)
             .await?
             .into_iter()
-            .map(|c| c.value)
+            .map(|c| c.value.answered())
             .collect();
         Ok((release, candidates))
     }
@@ -1025,7 +1028,7 @@ impl ReleaseService {
                     format!("environment `{environment}` has no deployment `{id}`"),
                 )
             })?;
-        self.fresh(d).await
+        Ok(self.fresh(d).await?.answered())
     }
 
     /// The deployment as it should be read: a stuck one becomes `error` first.
@@ -1068,7 +1071,7 @@ impl ReleaseService {
             .await?;
         let mut items = Vec::with_capacity(page.items.len());
         for d in page.items {
-            items.push(self.fresh(d).await?);
+            items.push(self.fresh(d).await?.answered());
         }
         Ok(Page {
             items,
@@ -1103,7 +1106,9 @@ impl ReleaseService {
                 st = e.value;
             }
         }
-        let active = active.filter(|d| !d.status.is_terminal());
+        let active = active
+            .filter(|d| !d.status.is_terminal())
+            .map(Deployment::answered);
         Ok((cfg, st, active))
     }
 
@@ -1281,7 +1286,7 @@ impl ReleaseService {
         }
         let (d, resumed) = created.ok_or(ReleaseError::Contention)?;
         let Some(pipeline) = &env.deploy_pipeline else {
-            return Ok(d);
+            return Ok(d.answered());
         };
 
         let mut vars = env.env.clone();
@@ -1329,7 +1334,7 @@ impl ReleaseService {
                         started_deployment(cur, &build_ref, &build)
                     })
                     .await?;
-                Ok(started.unwrap_or(d))
+                Ok(started.unwrap_or(d).answered())
             }
             BuildOutcome::Unknown(e) => {
                 let reason = e.to_string();
@@ -1491,7 +1496,7 @@ impl ReleaseService {
             };
         match state::patch_decision(current.status, status) {
             PatchDecision::Unchanged => Ok(StatusUpdate {
-                deployment: current,
+                deployment: current.answered(),
                 created,
             }),
             PatchDecision::Refused => Err(ReleaseError::conflict(
@@ -1539,7 +1544,7 @@ impl ReleaseService {
                     ));
                 }
                 Ok(StatusUpdate {
-                    deployment: updated,
+                    deployment: updated.answered(),
                     created,
                 })
             }
@@ -1718,6 +1723,7 @@ fn build_ref(pipeline: &PipelineRef, build: &Build) -> BuildRef {
         id: build.id.clone(),
         number: build.number,
         web_url: build.web_url.clone(),
+        observed: None,
     }
 }
 

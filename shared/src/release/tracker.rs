@@ -38,6 +38,7 @@ fn build_ref(organization: &str, build: &Build, pipeline: Option<&Pipeline>) -> 
         id: build.id.clone(),
         number: build.number,
         web_url: build.web_url.clone(),
+        observed: None,
     }
 }
 
