@@ -44,8 +44,8 @@ use super::model::{
     EnvironmentState, PipelineRef, Project, Release, VersionScheme,
 };
 use super::state::{
-    self, NoRollback, PatchDecision, candidate_advances, deployment_advances,
-    environment_after_finish,
+    self, NoRollback, PatchDecision, candidate_advances, changes_environment,
+    environment_after_change,
 };
 use super::version::{self, Bump};
 use crate::buildkite::Build;
@@ -491,8 +491,9 @@ pub(crate) async fn update_candidate_with(
     Err(StoreError::Conflict)
 }
 
-/// Applies `change` to a deployment with compare-and-set; when it reaches a final status, the
-/// environment's lock is released (and a success remembered) in the same atomic write.
+/// Applies `change` to a deployment with compare-and-set; when that changes its environment
+/// (it reaches a final status: the lock is released, a success remembered; or a success's build
+/// re-ran: the success is withdrawn), the environment is written in the same atomic write.
 pub(crate) async fn update_deployment_with(
     store: &dyn ReleaseStore,
     project: &str,
@@ -507,13 +508,13 @@ pub(crate) async fn update_deployment_with(
         let Some(next) = change(&cur.value) else {
             return Ok(Some(cur.value));
         };
-        let result = if next.status.is_terminal() && !cur.value.status.is_terminal() {
+        let result = if changes_environment(cur.value.status, next.status) {
             let env = store.environment(project, environment).await?;
             let current = env
                 .as_ref()
                 .map(|e| e.value.clone())
                 .unwrap_or_else(|| empty_env(project, environment));
-            let after = environment_after_finish(&current, &next);
+            let after = environment_after_change(&current, &cur.value, &next);
             store
                 .update_deployment(&next, cur.rev, Some((&after, env.map(|e| e.rev))))
                 .await
@@ -1728,7 +1729,8 @@ fn build_ref(pipeline: &PipelineRef, build: &Build) -> BuildRef {
 }
 
 /// The candidate once its build exists: it has the build, and is at least `building` (the
-/// tracker may have moved it further already).
+/// tracker may have moved it further already). The create answer is an observation of the
+/// build like any other, ordered by its version ([`state::observe_candidate`]).
 pub(crate) fn started_candidate(
     c: &Candidate,
     build_ref: &BuildRef,
@@ -1740,11 +1742,7 @@ pub(crate) fn started_candidate(
         // A note that the build was not known is obsolete once it is.
         n.error_message = None;
     }
-    let next =
-        state::candidate_state_for(&build.state, build.blocked).unwrap_or(CandidateState::Building);
-    if candidate_advances(n.state, next) {
-        n.state = next;
-    }
+    state::observe_candidate(&mut n, build);
     if candidate_advances(n.state, CandidateState::Building) {
         n.state = CandidateState::Building;
     }
@@ -1763,13 +1761,10 @@ fn started_deployment(d: &Deployment, build_ref: &BuildRef, build: &Build) -> Op
         n.build = Some(build_ref.clone());
         n.error_message = None;
     }
-    if let Some(next) = state::deployment_status_for(&build.state, build.blocked)
-        && deployment_advances(n.status, next)
-    {
-        n.status = next;
-    }
+    let now = Utc::now();
+    state::observe_deployment(&mut n, build, now);
     (n != *d).then(|| {
-        n.updated_at = Utc::now();
+        n.updated_at = now;
         n
     })
 }
