@@ -220,6 +220,79 @@ impl Harness {
     fn created_builds(&self) -> usize {
         self.bk.created_builds().len()
     }
+
+    /// Retries a job of the finished build, as Buildkite does: the same build (id and number)
+    /// runs again, with a `started_at` after its `finished_at` and no `finished_at`; delivers
+    /// its second `build.running`. Returns the build as it was before (for late deliveries).
+    async fn retry_job(&self, pipeline: &str, number: u64) -> kitebridge_fakes::Build {
+        let before = self.bk.build(ORG, pipeline, number).expect("build exists");
+        let ended = before.finished_at.expect("a finished build");
+        self.bk.update_build(ORG, pipeline, number, |b| {
+            b.state = BuildState::Running;
+            b.started_at = Some(ended + chrono::Duration::seconds(1));
+            b.finished_at = None;
+        });
+        self.redeliver(pipeline, number, WebhookEvent::BuildRunning)
+            .await;
+        before
+    }
+
+    /// Ends the re-run started by [`Harness::retry_job`] in `end`, with a `finished_at` after
+    /// its `started_at`; delivers its second `build.finished`.
+    async fn finish_again(&self, pipeline: &str, number: u64, end: BuildState) {
+        self.bk.update_build(ORG, pipeline, number, |b| {
+            let started = b.started_at.expect("running again");
+            b.state = end;
+            b.finished_at = Some(started + chrono::Duration::seconds(1));
+        });
+        self.redeliver(pipeline, number, event_for(end)).await;
+    }
+
+    /// Delivers the build as it was (`then`), as a late webhook: the fake's build is put back
+    /// to that state for the delivery, then restored.
+    async fn deliver_late(&self, then: &kitebridge_fakes::Build, event: WebhookEvent) {
+        let (pipeline, number) = (then.pipeline.as_str(), then.number);
+        let now = self.bk.build(ORG, pipeline, number).expect("build exists");
+        let put = |from: &kitebridge_fakes::Build| {
+            let (state, blocked, started, finished) =
+                (from.state, from.blocked, from.started_at, from.finished_at);
+            move |b: &mut kitebridge_fakes::Build| {
+                b.state = state;
+                b.blocked = blocked;
+                b.started_at = started;
+                b.finished_at = finished;
+            }
+        };
+        self.bk.update_build(ORG, pipeline, number, put(then));
+        self.redeliver(pipeline, number, event).await;
+        self.bk.update_build(ORG, pipeline, number, put(&now));
+    }
+
+    async fn candidate(&self, version: &str, number: usize) -> Value {
+        let rel = self
+            .call("GET", &format!("/projects/web/releases/{version}"), None)
+            .await;
+        assert_eq!(rel.status, StatusCode::OK, "{}", rel.body);
+        rel.body["candidates"][number - 1].clone()
+    }
+
+    async fn deployment(&self, env: &str, id: &str) -> Value {
+        let a = self
+            .call(
+                "GET",
+                &format!("/projects/web/environments/{env}/deployments/{id}"),
+                None,
+            )
+            .await;
+        assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+        a.body
+    }
+
+    async fn environment(&self, env: &str) -> Value {
+        self.call("GET", &format!("/projects/web/environments/{env}"), None)
+            .await
+            .body
+    }
 }
 
 fn event_for(state: BuildState) -> WebhookEvent {
@@ -1520,4 +1593,316 @@ async fn builds_kitebridge_did_not_create_are_ignored() {
     let rel = h.call("GET", "/projects/web/releases/1.0.0", None).await;
     assert_eq!(s(&rel.body["candidates"][0]["state"]), "failed");
     assert_eq!(s(&rel.body["candidates"][0]["build_state"]), "failed");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Retried builds: Buildkite's latest word wins (docs/releases.md, "Tracking")
+
+/// What only tracking keeps never shows in an answer.
+fn assert_no_tracking_fields(record: &Value) {
+    assert!(
+        record["build"].get("observed").is_none(),
+        "the observed version leaked into an answer: {record}"
+    );
+}
+
+/// A release build fails, its flaky job is retried and passes: the candidate follows it back
+/// to `building` and on to `built`, and can be deployed. Late deliveries of the first run, and
+/// a repeat of the re-run's, change nothing.
+async fn a_retried_release_build(store: Store) {
+    let h = Harness::start(store).await;
+    h.project().await;
+    let cut = h
+        .call(
+            "POST",
+            "/projects/web/releases",
+            Some(json!({"commit": SHA, "branch": "main", "version": "2.0.0"})),
+        )
+        .await;
+    assert_eq!(cut.status, StatusCode::CREATED, "{}", cut.body);
+    assert_no_tracking_fields(&cut.body["candidate"]);
+    let number = cut.body["candidate"]["build"]["number"].as_u64().unwrap();
+    let id = s(&cut.body["candidate"]["build"]["id"]).to_string();
+
+    h.progress("web-release", number, BuildState::Running).await;
+    let first_running = h.bk.build(ORG, "web-release", number).unwrap();
+    h.progress("web-release", number, BuildState::Failed).await;
+    let c = h.candidate("2.0.0", 1).await;
+    assert_eq!(s(&c["state"]), "failed");
+    assert_eq!(
+        s(&c["error_message"]),
+        format!("build #{number} finished as failed")
+    );
+    let refused = h.deploy("staging", "2.0.0-rc1").await;
+    assert_eq!(
+        (refused.status, s(&refused.body["error"])),
+        (StatusCode::CONFLICT, "candidate_not_built")
+    );
+
+    // The failed job is retried: the same build runs again.
+    let first_run = h.retry_job("web-release", number).await;
+    let c = h.candidate("2.0.0", 1).await;
+    assert_eq!(
+        (s(&c["state"]), s(&c["build_state"]), &c["error_message"]),
+        ("building", "running", &Value::Null),
+        "{c}"
+    );
+    assert_eq!(s(&c["build"]["id"]), id, "the same build");
+    // The first run's `failed`, delivered late while the re-run runs: nothing.
+    h.deliver_late(&first_run, WebhookEvent::BuildFinished)
+        .await;
+    assert_eq!(s(&h.candidate("2.0.0", 1).await["state"]), "building");
+
+    h.finish_again("web-release", number, BuildState::Passed)
+        .await;
+    let built = h.candidate("2.0.0", 1).await;
+    assert_eq!(
+        (
+            s(&built["state"]),
+            s(&built["build_state"]),
+            &built["error_message"]
+        ),
+        ("built", "passed", &Value::Null),
+        "{built}"
+    );
+    assert_no_tracking_fields(&built);
+
+    // Late and repeated deliveries: the first run's `failed` and `running`, the re-run's
+    // `running` and `finished` again.
+    h.deliver_late(&first_run, WebhookEvent::BuildFinished)
+        .await;
+    h.deliver_late(&first_running, WebhookEvent::BuildRunning)
+        .await;
+    h.redeliver("web-release", number, WebhookEvent::BuildFinished)
+        .await;
+    let mut rerun_running = h.bk.build(ORG, "web-release", number).unwrap();
+    rerun_running.state = BuildState::Running;
+    rerun_running.finished_at = None;
+    h.deliver_late(&rerun_running, WebhookEvent::BuildRunning)
+        .await;
+    let after = h.candidate("2.0.0", 1).await;
+    assert_eq!(after, built, "late deliveries changed the candidate");
+
+    // Built: it deploys.
+    let d = h.deployed("staging", "2.0.0-rc1", BuildState::Passed).await;
+    assert_eq!(s(&d["status"]), "success", "{d}");
+    assert_no_tracking_fields(&d);
+    assert_eq!(h.created_builds(), 2, "a retry creates no build");
+}
+
+#[tokio::test]
+async fn a_retried_release_build_on_sqlite() {
+    a_retried_release_build(sqlite()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retried_release_build_on_dynamodb() {
+    a_retried_release_build(Store::new(kitebridge_tests::dynamodb().await)).await;
+}
+
+/// A deploy build fails, is retried and passes: the deployment follows it to `success`, the
+/// environment remembers it (promotion and rollback go by it), and the first run's `failed`,
+/// delivered late, changes nothing.
+async fn a_retried_deploy_build(store: Store) {
+    let h = Harness::start(store).await;
+    h.project().await;
+    let v1 = h.built("3.0.0", SHA).await;
+    let v2 = h.built("3.1.0", SHA2).await;
+    h.deployed("staging", &v1, BuildState::Passed).await;
+    let failed = h.deployed("staging", &v2, BuildState::Failed).await;
+    assert_eq!(s(&failed["status"]), "failure");
+    assert_eq!(s(&failed["from_candidate_version"]), v1);
+    let id = s(&failed["id"]).to_string();
+    let number = failed["build"]["number"].as_u64().unwrap();
+    assert_eq!(
+        s(&h.environment("staging").await["last_successful_candidate_version"]),
+        v1
+    );
+
+    let first_run = h.retry_job("web-deploy", number).await;
+    let d = h.deployment("staging", &id).await;
+    assert_eq!(
+        (s(&d["status"]), &d["finished_at"], &d["error_message"]),
+        ("in_progress", &Value::Null, &Value::Null),
+        "{d}"
+    );
+    // The re-run is Buildkite's, not a deployment kitebridge started: it takes no lock.
+    assert_eq!(
+        h.environment("staging").await["active_deployment"],
+        Value::Null
+    );
+
+    h.finish_again("web-deploy", number, BuildState::Passed)
+        .await;
+    let d = h.deployment("staging", &id).await;
+    assert_eq!(s(&d["status"]), "success", "{d}");
+    assert!(d["finished_at"].is_string());
+    assert_no_tracking_fields(&d);
+    h.deliver_late(&first_run, WebhookEvent::BuildFinished)
+        .await;
+    assert_eq!(
+        h.deployment("staging", &id).await,
+        d,
+        "a late delivery changed it"
+    );
+
+    let env = h.environment("staging").await;
+    assert_eq!(s(&env["last_successful_candidate_version"]), v2, "{env}");
+    assert_eq!(env["successes"], json!([v1, v2]));
+    // Promotion counts it, and a rollback after it goes back to what ran before it.
+    let prod = h.deploy("production", &v2).await;
+    assert_eq!(prod.status, StatusCode::CREATED, "{}", prod.body);
+    let r = h
+        .call(
+            "POST",
+            "/projects/web/environments/staging/rollback",
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    assert_eq!(s(&r.body["candidate_version"]), v1);
+}
+
+#[tokio::test]
+async fn a_retried_deploy_build_on_sqlite() {
+    a_retried_deploy_build(sqlite()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retried_deploy_build_on_dynamodb() {
+    a_retried_deploy_build(Store::new(kitebridge_tests::dynamodb().await)).await;
+}
+
+/// A passed deploy build whose job is retried (`permit_on_passed`) and fails: its success is
+/// withdrawn as soon as it runs again, so promotion and rollback no longer count it.
+#[tokio::test]
+async fn a_passed_deploy_build_retried_to_red_withdraws_its_success() {
+    let h = Harness::start(sqlite()).await;
+    h.project().await;
+    let v1 = h.built("4.0.0", SHA).await;
+    let v2 = h.built("4.1.0", SHA2).await;
+    h.deployed("staging", &v1, BuildState::Passed).await;
+    let ok = h.deployed("staging", &v2, BuildState::Passed).await;
+    let id = s(&ok["id"]).to_string();
+    let number = ok["build"]["number"].as_u64().unwrap();
+    assert_eq!(h.environment("staging").await["successes"], json!([v1, v2]));
+
+    h.retry_job("web-deploy", number).await;
+    assert_eq!(
+        s(&h.deployment("staging", &id).await["status"]),
+        "in_progress"
+    );
+    assert_eq!(h.environment("staging").await["successes"], json!([v1]));
+    let prod = h.deploy("production", &v2).await;
+    assert_eq!(
+        (prod.status, s(&prod.body["error"])),
+        (StatusCode::CONFLICT, "promotion_required")
+    );
+
+    h.finish_again("web-deploy", number, BuildState::Failed)
+        .await;
+    let d = h.deployment("staging", &id).await;
+    assert_eq!(s(&d["status"]), "failure", "{d}");
+    assert!(s(&d["error_message"]).contains("finished as failed"));
+    let env = h.environment("staging").await;
+    assert_eq!(s(&env["last_successful_candidate_version"]), v1);
+    // After a failure, a rollback goes to the last candidate that succeeded here.
+    let r = h
+        .call(
+            "POST",
+            "/projects/web/environments/staging/rollback",
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    assert_eq!(s(&r.body["candidate_version"]), v1);
+}
+
+/// A failed deployment whose build is retried while a newer deployment holds the environment:
+/// it follows its build without taking the lock, which stays with the newer one.
+#[tokio::test]
+async fn a_re_run_leaves_the_environment_to_the_deployment_holding_it() {
+    let h = Harness::start(sqlite()).await;
+    h.project().await;
+    let v1 = h.built("5.0.0", SHA).await;
+    let v2 = h.built("5.1.0", SHA2).await;
+    let old = h.deployed("staging", &v1, BuildState::Failed).await;
+    let old_id = s(&old["id"]).to_string();
+    let old_number = old["build"]["number"].as_u64().unwrap();
+    let new = h.deploy("staging", &v2).await;
+    assert_eq!(new.status, StatusCode::CREATED, "{}", new.body);
+    let new_id = s(&new.body["id"]).to_string();
+    let new_number = new.body["build"]["number"].as_u64().unwrap();
+    h.progress("web-deploy", new_number, BuildState::Running)
+        .await;
+
+    h.retry_job("web-deploy", old_number).await;
+    assert_eq!(
+        s(&h.deployment("staging", &old_id).await["status"]),
+        "in_progress"
+    );
+    h.finish_again("web-deploy", old_number, BuildState::Passed)
+        .await;
+    assert_eq!(
+        s(&h.deployment("staging", &old_id).await["status"]),
+        "success"
+    );
+    let env = h.environment("staging").await;
+    assert_eq!(s(&env["active_deployment"]["id"]), new_id, "{env}");
+    assert_eq!(env["successes"], json!([v1]));
+    let busy = h.deploy("staging", &v1).await;
+    assert_eq!(
+        (busy.status, s(&busy.body["error"])),
+        (StatusCode::CONFLICT, "deployment_in_progress")
+    );
+
+    h.progress("web-deploy", new_number, BuildState::Passed)
+        .await;
+    let env = h.environment("staging").await;
+    assert_eq!(env["active_deployment"], Value::Null);
+    assert_eq!(env["successes"], json!([v1, v2]));
+}
+
+/// A blocked release build that is unblocked still ends `built` (its `running` after the block
+/// proves nothing; its end does); a rebuild (a new build, which kitebridge did not create)
+/// says nothing about the candidate.
+#[tokio::test]
+async fn blocked_builds_and_rebuilds_keep_working() {
+    let h = Harness::start(sqlite()).await;
+    h.project().await;
+    let cut = h
+        .call(
+            "POST",
+            "/projects/web/releases",
+            Some(json!({"commit": SHA, "branch": "main", "version": "6.0.0"})),
+        )
+        .await;
+    let number = cut.body["candidate"]["build"]["number"].as_u64().unwrap();
+    h.progress("web-release", number, BuildState::Running).await;
+    h.bk.set_build_state(ORG, "web-release", number, BuildState::Passed);
+    h.bk.set_build_blocked(ORG, "web-release", number, true);
+    h.redeliver("web-release", number, WebhookEvent::BuildFinished)
+        .await;
+    assert_eq!(s(&h.candidate("6.0.0", 1).await["state"]), "building");
+    // Unblocked: running again (with the first `started_at`), then passed.
+    h.bk.set_build_blocked(ORG, "web-release", number, false);
+    h.progress("web-release", number, BuildState::Running).await;
+    assert_eq!(s(&h.candidate("6.0.0", 1).await["state"]), "building");
+    h.bk.update_build(ORG, "web-release", number, |b| {
+        b.state = BuildState::Passed;
+        b.finished_at = b.started_at.map(|t| t + chrono::Duration::minutes(5));
+    });
+    h.redeliver("web-release", number, WebhookEvent::BuildFinished)
+        .await;
+    let built = h.candidate("6.0.0", 1).await;
+    assert_eq!(s(&built["state"]), "built", "{built}");
+
+    // A rebuild that fails: a new build, not the candidate's.
+    let rebuild = h.bk.add_build(
+        kitebridge_fakes::Build::new(ORG, "web-release", SHA, "main")
+            .with_state(BuildState::Failed),
+    );
+    h.redeliver("web-release", rebuild.number, WebhookEvent::BuildFinished)
+        .await;
+    assert_eq!(h.candidate("6.0.0", 1).await, built);
 }

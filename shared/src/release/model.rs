@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::status::StatusVersion;
+
 /// A Buildkite pipeline, by organization and slug.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PipelineRef {
@@ -107,6 +109,12 @@ pub struct BuildRef {
     pub number: u64,
     #[serde(default)]
     pub web_url: Option<String>,
+    /// Buildkite's evidence of the last observation of this build applied to its candidate or
+    /// deployment ([`crate::release::state::candidate_follows`]), so that a re-run (a retried
+    /// job) is told from a late delivery. Stored, never answered: see [`Candidate::answered`].
+    /// `None` before the first observation and in records written before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed: Option<StatusVersion>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -131,6 +139,17 @@ pub struct Candidate {
     pub error_message: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+impl Candidate {
+    /// The candidate as the API shows it. The store and the API serialize the same record, so
+    /// what only tracking needs ([`BuildRef::observed`]) is taken out of answers here.
+    pub fn answered(mut self) -> Self {
+        if let Some(b) = &mut self.build {
+            b.observed = None;
+        }
+        self
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -213,6 +232,16 @@ pub struct Deployment {
     pub error_message: Option<String>,
 }
 
+impl Deployment {
+    /// The deployment as the API shows it (see [`Candidate::answered`]).
+    pub fn answered(mut self) -> Self {
+        if let Some(b) = &mut self.build {
+            b.observed = None;
+        }
+        self
+    }
+}
+
 /// Per-environment state that deployments coordinate on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EnvironmentState {
@@ -245,4 +274,54 @@ pub enum BuildLink {
         environment: String,
         id: String,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn candidate_json() -> serde_json::Value {
+        serde_json::json!({
+            "project": "web", "release_version": "1.0.0", "number": 1, "version": "1.0.0-rc1",
+            "cut_id": "01J", "commit": "a".repeat(40), "branch": "main", "state": "failed",
+            "build": {"organization": "acme", "pipeline": "web-release", "id": "b1", "number": 7},
+            "created_at": "2024-05-01T10:00:00Z", "updated_at": "2024-05-01T10:05:00Z"
+        })
+    }
+
+    #[test]
+    fn records_stored_before_versions_were_kept_still_decode() {
+        let c: Candidate = serde_json::from_value(candidate_json()).unwrap();
+        assert_eq!(c.build.unwrap().observed, None);
+    }
+
+    #[test]
+    fn the_version_is_stored_but_not_answered() {
+        let mut c: Candidate = serde_json::from_value(candidate_json()).unwrap();
+        let version = StatusVersion {
+            build: 7,
+            epoch_ms: 1_714_557_900_000,
+            rank: 7,
+        };
+        c.build.as_mut().unwrap().observed = Some(version);
+        let stored = serde_json::to_value(&c).unwrap();
+        assert_eq!(
+            stored["build"]["observed"],
+            serde_json::json!({"build": 7, "epoch_ms": 1_714_557_900_000_i64, "rank": 7})
+        );
+        let back: Candidate = serde_json::from_value(stored).unwrap();
+        assert_eq!(back, c);
+        let answered = serde_json::to_value(c.answered()).unwrap();
+        let mut keys: Vec<&str> = answered["build"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            ["id", "number", "organization", "pipeline", "web_url"]
+        );
+    }
 }

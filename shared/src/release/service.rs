@@ -44,8 +44,8 @@ use super::model::{
     EnvironmentState, PipelineRef, Project, Release, VersionScheme,
 };
 use super::state::{
-    self, NoRollback, PatchDecision, candidate_advances, deployment_advances,
-    environment_after_finish,
+    self, NoRollback, PatchDecision, candidate_advances, changes_environment,
+    environment_after_change,
 };
 use super::version::{self, Bump};
 use crate::buildkite::Build;
@@ -491,8 +491,9 @@ pub(crate) async fn update_candidate_with(
     Err(StoreError::Conflict)
 }
 
-/// Applies `change` to a deployment with compare-and-set; when it reaches a final status, the
-/// environment's lock is released (and a success remembered) in the same atomic write.
+/// Applies `change` to a deployment with compare-and-set; when that changes its environment
+/// (it reaches a final status: the lock is released, a success remembered; or a success's build
+/// re-ran: the success is withdrawn), the environment is written in the same atomic write.
 pub(crate) async fn update_deployment_with(
     store: &dyn ReleaseStore,
     project: &str,
@@ -507,13 +508,13 @@ pub(crate) async fn update_deployment_with(
         let Some(next) = change(&cur.value) else {
             return Ok(Some(cur.value));
         };
-        let result = if next.status.is_terminal() && !cur.value.status.is_terminal() {
+        let result = if changes_environment(cur.value.status, next.status) {
             let env = store.environment(project, environment).await?;
             let current = env
                 .as_ref()
                 .map(|e| e.value.clone())
                 .unwrap_or_else(|| empty_env(project, environment));
-            let after = environment_after_finish(&current, &next);
+            let after = environment_after_change(&current, &cur.value, &next);
             store
                 .update_deployment(&next, cur.rev, Some((&after, env.map(|e| e.rev))))
                 .await
@@ -719,7 +720,10 @@ impl ReleaseService {
         let (Cut { release, candidate }, resumed) =
             self.reserve(&project, &req, &commit, initial).await?;
         let Some(pipeline) = &project.build_pipeline else {
-            return Ok(Cut { release, candidate });
+            return Ok(Cut {
+                release,
+                candidate: candidate.answered(),
+            });
         };
 
         let mut env: BTreeMap<String, String> = project.env.clone();
@@ -774,7 +778,7 @@ impl ReleaseService {
                 .await?;
                 Ok(Cut {
                     release,
-                    candidate: started.unwrap_or(candidate),
+                    candidate: started.unwrap_or(candidate).answered(),
                 })
             }
             BuildOutcome::Unknown(e) => {
@@ -982,7 +986,7 @@ impl ReleaseService {
             .candidates(project, version)
             .await?
             .into_iter()
-            .map(|c| c.value)
+            .map(|c| c.value.answered())
             .collect();
         Ok((release, candidates))
     }
@@ -1025,7 +1029,7 @@ impl ReleaseService {
                     format!("environment `{environment}` has no deployment `{id}`"),
                 )
             })?;
-        self.fresh(d).await
+        Ok(self.fresh(d).await?.answered())
     }
 
     /// The deployment as it should be read: a stuck one becomes `error` first.
@@ -1068,7 +1072,7 @@ impl ReleaseService {
             .await?;
         let mut items = Vec::with_capacity(page.items.len());
         for d in page.items {
-            items.push(self.fresh(d).await?);
+            items.push(self.fresh(d).await?.answered());
         }
         Ok(Page {
             items,
@@ -1103,7 +1107,9 @@ impl ReleaseService {
                 st = e.value;
             }
         }
-        let active = active.filter(|d| !d.status.is_terminal());
+        let active = active
+            .filter(|d| !d.status.is_terminal())
+            .map(Deployment::answered);
         Ok((cfg, st, active))
     }
 
@@ -1281,7 +1287,7 @@ impl ReleaseService {
         }
         let (d, resumed) = created.ok_or(ReleaseError::Contention)?;
         let Some(pipeline) = &env.deploy_pipeline else {
-            return Ok(d);
+            return Ok(d.answered());
         };
 
         let mut vars = env.env.clone();
@@ -1329,7 +1335,7 @@ impl ReleaseService {
                         started_deployment(cur, &build_ref, &build)
                     })
                     .await?;
-                Ok(started.unwrap_or(d))
+                Ok(started.unwrap_or(d).answered())
             }
             BuildOutcome::Unknown(e) => {
                 let reason = e.to_string();
@@ -1491,7 +1497,7 @@ impl ReleaseService {
             };
         match state::patch_decision(current.status, status) {
             PatchDecision::Unchanged => Ok(StatusUpdate {
-                deployment: current,
+                deployment: current.answered(),
                 created,
             }),
             PatchDecision::Refused => Err(ReleaseError::conflict(
@@ -1539,7 +1545,7 @@ impl ReleaseService {
                     ));
                 }
                 Ok(StatusUpdate {
-                    deployment: updated,
+                    deployment: updated.answered(),
                     created,
                 })
             }
@@ -1718,11 +1724,13 @@ fn build_ref(pipeline: &PipelineRef, build: &Build) -> BuildRef {
         id: build.id.clone(),
         number: build.number,
         web_url: build.web_url.clone(),
+        observed: None,
     }
 }
 
 /// The candidate once its build exists: it has the build, and is at least `building` (the
-/// tracker may have moved it further already).
+/// tracker may have moved it further already). The create answer is an observation of the
+/// build like any other, ordered by its version ([`state::observe_candidate`]).
 pub(crate) fn started_candidate(
     c: &Candidate,
     build_ref: &BuildRef,
@@ -1734,11 +1742,7 @@ pub(crate) fn started_candidate(
         // A note that the build was not known is obsolete once it is.
         n.error_message = None;
     }
-    let next =
-        state::candidate_state_for(&build.state, build.blocked).unwrap_or(CandidateState::Building);
-    if candidate_advances(n.state, next) {
-        n.state = next;
-    }
+    state::observe_candidate(&mut n, build);
     if candidate_advances(n.state, CandidateState::Building) {
         n.state = CandidateState::Building;
     }
@@ -1757,13 +1761,10 @@ fn started_deployment(d: &Deployment, build_ref: &BuildRef, build: &Build) -> Op
         n.build = Some(build_ref.clone());
         n.error_message = None;
     }
-    if let Some(next) = state::deployment_status_for(&build.state, build.blocked)
-        && deployment_advances(n.status, next)
-    {
-        n.status = next;
-    }
+    let now = Utc::now();
+    state::observe_deployment(&mut n, build, now);
     (n != *d).then(|| {
-        n.updated_at = Utc::now();
+        n.updated_at = now;
         n
     })
 }

@@ -1,15 +1,16 @@
 //! Release tracking: the [`BuildObserver`] that moves candidates and deployments from the states
 //! of the Buildkite builds kitebridge created for them. The webhook receiver and the poller hand
 //! it every build they see; builds without a link (`ReleaseStore::build_link`) are not ours and
-//! cost one store read. It never calls Buildkite, never moves anything backwards, and applying
-//! the same build twice changes nothing.
+//! cost one store read. It never calls Buildkite. Observations are ordered by Buildkite's
+//! evidence ([`state`], "Following a build"): a late or repeated delivery changes nothing, and
+//! a retried build that runs and finishes again is followed to its new end.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::Utc;
 
-use super::model::{BuildLink, BuildRef, CandidateState, DeploymentStatus};
+use super::model::{BuildLink, BuildRef};
 use super::service::{update_candidate_with, update_deployment_with};
 use super::state;
 use crate::buildkite::model::{Build, Pipeline};
@@ -38,6 +39,7 @@ fn build_ref(organization: &str, build: &Build, pipeline: Option<&Pipeline>) -> 
         id: build.id.clone(),
         number: build.number,
         web_url: build.web_url.clone(),
+        observed: None,
     }
 }
 
@@ -67,8 +69,6 @@ impl BuildObserver for ReleaseTracker {
                 release_version,
                 number,
             } => {
-                let next = state::candidate_state_for(&build.state, build.blocked);
-                let rank = state::build_state_rank(&build.state);
                 let changed = update_candidate_with(
                     self.store.as_ref(),
                     &project,
@@ -84,22 +84,17 @@ impl BuildObserver for ReleaseTracker {
                         if n.build.is_none() {
                             n.build = Some(build_ref(organization, build, pipeline));
                         }
-                        if let Some(next) = next
-                            && state::candidate_advances(n.state, next)
-                        {
-                            n.state = next;
-                            if next == CandidateState::Failed {
-                                n.error_message = Some(format!(
-                                    "build #{} finished as {}",
-                                    build.number, build.state
-                                ));
-                            }
-                        }
-                        let seen = n.build_state.as_deref().map(|s| {
-                            state::build_state_rank(&crate::buildkite::BuildState::parse(s))
-                        });
-                        if seen.is_none_or(|s| rank > s) {
-                            n.build_state = Some(build.state.as_str().to_string());
+                        state::observe_candidate(&mut n, build);
+                        if c.state.is_terminal() && n.state != c.state {
+                            tracing::info!(
+                                project,
+                                release_version,
+                                number,
+                                build = build.number,
+                                from = c.state.as_str(),
+                                to = n.state.as_str(),
+                                "the candidate's build ran again; following it"
+                            );
                         }
                         (n != *c).then(|| {
                             n.updated_at = Utc::now();
@@ -123,9 +118,6 @@ impl BuildObserver for ReleaseTracker {
                 environment,
                 id,
             } => {
-                let Some(next) = state::deployment_status_for(&build.state, build.blocked) else {
-                    return Ok(());
-                };
                 update_deployment_with(self.store.as_ref(), &project, &environment, &id, |d| {
                     if d.build.as_ref().is_some_and(|b| b.id != build.id) {
                         return None;
@@ -134,19 +126,17 @@ impl BuildObserver for ReleaseTracker {
                     if n.build.is_none() {
                         n.build = Some(build_ref(organization, build, pipeline));
                     }
-                    if state::deployment_advances(n.status, next) {
-                        let now = Utc::now();
-                        n.status = next;
-                        n.updated_at = now;
-                        if next.is_terminal() {
-                            n.finished_at = Some(build.finished_at.unwrap_or(now));
-                        }
-                        if next == DeploymentStatus::Failure {
-                            n.error_message = Some(format!(
-                                "deploy build #{} finished as {}",
-                                build.number, build.state
-                            ));
-                        }
+                    state::observe_deployment(&mut n, build, Utc::now());
+                    if d.status.is_terminal() && n.status != d.status {
+                        tracing::info!(
+                            project,
+                            environment,
+                            deployment = id,
+                            build = build.number,
+                            from = d.status.as_str(),
+                            to = n.status.as_str(),
+                            "the deployment's build ran again; following it"
+                        );
                     }
                     (n != *d).then_some(n)
                 })
