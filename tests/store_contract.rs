@@ -543,6 +543,11 @@ async fn ledger_an_unanswered_post_gets_the_newest_posted_after_it(kv: Kv) {
     let due = due_after(settle).await;
     assert_eq!(due.len(), 1);
     assert_eq!(due[0].status, passed);
+    // A poll cycle or a webhook that sees passed meanwhile does not post it before then.
+    assert_eq!(
+        store.begin_report(&passed, LEASE).await.unwrap(),
+        Begin::InFlight
+    );
     // Until re-posted, it is wanted, not "already reported".
     assert_eq!(
         store
@@ -588,6 +593,10 @@ async fn ledger_an_unanswered_post_gets_the_newest_posted_after_it(kv: Kv) {
     let due = due_after(settle).await;
     assert_eq!(due.len(), 1);
     assert_eq!(due[0].status, passed);
+    assert_eq!(
+        store.begin_report(&passed, LEASE).await.unwrap(),
+        Begin::InFlight
+    );
 
     // 3. A post that failed for sure (not ambiguous) asks for nothing more.
     let key = "acme/docs";

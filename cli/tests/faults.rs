@@ -194,6 +194,20 @@ fn state_on(w: &World, commit: &str) -> Option<String> {
     w.bb.status(commit, KEY).map(|s| s.state)
 }
 
+/// Waits (a while) until `commit` shows `want`: a webhook's post may be the poll loop's, which
+/// the webhook answers as in flight without waiting for it.
+async fn state_becomes(w: &World, commit: &str, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while state_on(w, commit).as_deref() != Some(want) {
+        assert!(
+            Instant::now() < deadline,
+            "{commit} never showed {want}: {:?}",
+            history(w, commit)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The states posted for `commit`, in the order Bitbucket applied them.
 fn history(w: &World, commit: &str) -> Vec<String> {
     w.bb.history(commit, KEY)
@@ -242,17 +256,17 @@ async fn a_job_retried_in_a_finished_build_moves_its_status_both_ways() {
         )
         .unwrap();
     serve.deliver(&failed_delivery).await;
-    assert_eq!(state_on(&w, &commit).as_deref(), Some("FAILED"));
+    state_becomes(&w, &commit, "FAILED").await;
 
     // Someone retries it: the same build runs again, then passes: green.
     let retried = retry_job(&w, n, &b.jobs[1].id);
     w.bk.set_job_state(ORG, "web", n, &retried.id, JobState::Running);
     let (code, body) = serve.webhook(&w, n, WebhookEvent::BuildRunning).await;
     assert_eq!(code, 200, "{body}");
-    assert_eq!(state_on(&w, &commit).as_deref(), Some("INPROGRESS"));
+    state_becomes(&w, &commit, "INPROGRESS").await;
     w.bk.set_job_state(ORG, "web", n, &retried.id, JobState::Passed);
     serve.webhook(&w, n, WebhookEvent::BuildFinished).await;
-    assert_eq!(state_on(&w, &commit).as_deref(), Some("SUCCESSFUL"));
+    state_becomes(&w, &commit, "SUCCESSFUL").await;
 
     // Late and repeated deliveries of the first run change nothing: the failed finish, and the
     // first running (which cannot prove it is old: kitebridge asks Buildkite, once).
@@ -266,7 +280,7 @@ async fn a_job_retried_in_a_finished_build_moves_its_status_both_ways() {
         w.bk.request_count(&format!("/v2/organizations/{ORG}/pipelines/web/builds/{n}"))
             - gets_before;
     assert!(gets <= 1, "{gets} lookups of one build for one delivery");
-    assert_eq!(state_on(&w, &commit).as_deref(), Some("SUCCESSFUL"));
+    state_becomes(&w, &commit, "SUCCESSFUL").await;
 
     // A passed job whose step permits it is retried and fails: red again.
     let again = retry_job(&w, n, &retried.id);
@@ -274,7 +288,7 @@ async fn a_job_retried_in_a_finished_build_moves_its_status_both_ways() {
     serve.webhook(&w, n, WebhookEvent::BuildRunning).await;
     w.bk.set_job_state(ORG, "web", n, &again.id, JobState::Failed);
     serve.webhook(&w, n, WebhookEvent::BuildFinished).await;
-    assert_eq!(state_on(&w, &commit).as_deref(), Some("FAILED"));
+    state_becomes(&w, &commit, "FAILED").await;
 
     // Give the poll loop a few cycles: it agrees, and posts nothing more.
     tokio::time::sleep(Duration::from_millis(2500)).await;
@@ -287,7 +301,9 @@ async fn a_job_retried_in_a_finished_build_moves_its_status_both_ways() {
             "SUCCESSFUL",
             "INPROGRESS",
             "FAILED"
-        ]
+        ],
+        "{}",
+        serve.logs()
     );
     let (code, health) = serve.health().await;
     assert_eq!(code, 200, "{health}");
@@ -530,7 +546,11 @@ async fn a_fast_local_clock_skips_no_build() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_post_applied_after_a_newer_one_is_corrected() {
     let mut w = world().await;
-    w.vars.insert("KITEBRIDGE_HTTP_TIMEOUT".into(), "1".into());
+    // Timeline (s): 0 the running post, held by Bitbucket; 3 kitebridge gives up on it, and
+    // Bitbucket counts as down for 1 s; 4 the passed state goes out with the probe; 5 the held
+    // post lands on top of it; 6 (3 + the timeout) kitebridge posts the newest once more. Every
+    // step is a second or more from the next, so a loaded machine does not reorder them.
+    w.vars.insert("KITEBRIDGE_HTTP_TIMEOUT".into(), "3".into());
     // Known, so that the only request to Bitbucket is the post.
     w.vars.insert("BITBUCKET_API".into(), "legacy".into());
     let serve = Serve::start(&w);
@@ -538,10 +558,10 @@ async fn a_post_applied_after_a_newer_one_is_corrected() {
     let b =
         w.bk.add_build(Build::new(ORG, "web", &commit, "main").with_state(BuildState::Running));
 
-    // The running post is held past kitebridge's 1 s timeout and applied at 1.6 s...
+    // The running post is held past kitebridge's 3 s timeout and applied at 5 s...
     w.bb.inject_fault(
         Fault::ApplyLate {
-            delay: Duration::from_millis(1600),
+            delay: Duration::from_secs(5),
         },
         1,
     );
@@ -603,6 +623,7 @@ async fn a_blocked_build_that_is_unblocked_reports_its_run_and_its_end() {
         .webhook(&w, b.number, WebhookEvent::BuildFinished)
         .await;
     // Never a success while blocked (Data Center: FAILED, so a merge check does not pass).
+    state_becomes(&w, &commit, "FAILED").await;
     let blocked = w.bb.status(&commit, KEY).unwrap();
     assert_eq!(blocked.state, "FAILED");
     assert!(
@@ -621,6 +642,7 @@ async fn a_blocked_build_that_is_unblocked_reports_its_run_and_its_end() {
         .webhook(&w, b.number, WebhookEvent::BuildRunning)
         .await;
     assert_eq!(code, 200, "{body}");
+    state_becomes(&w, &commit, "INPROGRESS").await;
     let running = w.bb.status(&commit, KEY).unwrap();
     assert_eq!(running.state, "INPROGRESS");
     assert!(!running.description.unwrap_or_default().contains("Blocked"));
@@ -628,7 +650,7 @@ async fn a_blocked_build_that_is_unblocked_reports_its_run_and_its_end() {
     serve
         .webhook(&w, b.number, WebhookEvent::BuildFinished)
         .await;
-    assert_eq!(state_on(&w, &commit).as_deref(), Some("SUCCESSFUL"));
+    state_becomes(&w, &commit, "SUCCESSFUL").await;
     assert_eq!(history(&w, &commit), ["FAILED", "INPROGRESS", "SUCCESSFUL"]);
 
     // A rebuild (a new number) replaces it, whatever its state.
@@ -637,5 +659,5 @@ async fn a_blocked_build_that_is_unblocked_reports_its_run_and_its_end() {
     serve
         .webhook(&w, rebuilt.number, WebhookEvent::BuildFinished)
         .await;
-    assert_eq!(state_on(&w, &commit).as_deref(), Some("FAILED"));
+    state_becomes(&w, &commit, "FAILED").await;
 }

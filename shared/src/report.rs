@@ -476,6 +476,78 @@ fn feedback_for(error: &SendError) -> Feedback {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bitbucket::request::BitbucketState;
+    use crate::store::{SqliteKv, Store};
+
+    /// Bitbucket taking every post, and remembering it.
+    #[derive(Default)]
+    struct Taken(std::sync::Mutex<Vec<StatusRequest>>);
+
+    #[async_trait]
+    impl StatusSink for Taken {
+        async fn post(&self, request: &StatusRequest) -> Result<(), SendError> {
+            self.0.lock().unwrap().push(request.clone());
+            Ok(())
+        }
+    }
+
+    fn record(build: u64, state: BitbucketState) -> StatusRecord {
+        let commit = "0123456789abcdef0123456789abcdef01234567".to_string();
+        StatusRecord {
+            commit: commit.clone(),
+            key: "acme/web".into(),
+            version: StatusVersion {
+                build,
+                epoch_ms: 1_700_000_000_000 + build as i64,
+                rank: 7,
+            },
+            state: state.as_str().into(),
+            payload: StatusRequest {
+                method: "POST".into(),
+                path: format!("/rest/build-status/1.0/commits/{commit}"),
+                body: serde_json::json!({"state": state.as_str(), "build": build}),
+                state,
+            },
+            source: None,
+        }
+    }
+
+    /// A poll cycle reports many builds at once, two builds of one commit among them: the
+    /// older one's record may be begun before the newer one's, and its turn may come at once
+    /// (an unpaced pacer). It must still not be posted once the newer one is recorded.
+    #[tokio::test]
+    async fn a_backlog_status_superseded_after_it_began_is_not_posted() {
+        let store = Store::new(SqliteKv::in_memory().unwrap());
+        let sink = Arc::new(Taken::default());
+        let reporter = Reporter::new(
+            Arc::new(store.clone()),
+            sink.clone(),
+            Arc::new(Pacer::new(None)),
+            64,
+        );
+        let (older, newer) = (
+            record(7, BitbucketState::Failed),
+            record(8, BitbucketState::Successful),
+        );
+        let lease = Duration::from_secs(120);
+        assert_eq!(
+            store.begin_report(&older, lease).await.unwrap(),
+            Begin::Post
+        );
+        assert_eq!(
+            store.begin_report(&newer, lease).await.unwrap(),
+            Begin::Post
+        );
+        // The older one's poster carries on, with no wait for its turn.
+        let outcome = reporter.deliver(older, 0, None).await.unwrap();
+        assert_eq!(outcome, Outcome::Superseded);
+        assert!(sink.0.lock().unwrap().is_empty());
+        assert_eq!(
+            reporter.deliver(newer, 0, None).await.unwrap(),
+            Outcome::Posted
+        );
+        assert_eq!(sink.0.lock().unwrap().len(), 1);
+    }
 
     #[test]
     fn what_a_failure_tells_the_pacer() {

@@ -32,6 +32,12 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 const MAX_DOWN_WAIT: Duration = Duration::from_secs(3);
 /// Slowest rate ever paced at (one post a minute).
 const MIN_RATE: f64 = 1.0 / 60.0;
+/// How far ahead a backlog post may hold a turn. One further back waits, then asks again: a turn
+/// is timed at the rate of when it is given, so a rate raised meanwhile (the ramp) applies to the
+/// posts already waiting, not only to those that come after them.
+const RESERVE_AHEAD: Duration = Duration::from_millis(100);
+/// A quiet spell after which a post starts a new burst (before the first 429).
+const BURST_IDLE: Duration = Duration::from_secs(1);
 
 /// Whose post it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,8 +104,12 @@ struct State {
     /// Successes before the first 429: the server's burst.
     burst: u32,
     ok_since_resume: u32,
+    /// Successes since the ramp last doubled the rate: what was really sent at that rate.
+    ok_since_raise: u32,
     resumed_at: Instant,
     last_raise: Instant,
+    /// When the last turn was given.
+    last_turn: Instant,
     down: Option<Down>,
     /// Bumped whenever a pause or an outage begins: a turn reserved before it is void.
     generation: u64,
@@ -147,8 +157,10 @@ impl Pacer {
                 paused_until: None,
                 burst: 0,
                 ok_since_resume: 0,
+                ok_since_raise: 0,
                 resumed_at: now,
                 last_raise: now,
+                last_turn: now,
                 down: None,
                 generation: 0,
             }),
@@ -209,6 +221,12 @@ impl Pacer {
             down.probing = true;
             return Ok((now, s.generation));
         }
+        // Before the first 429 the burst is counted from the first post after a quiet spell
+        // (not from when this pacer was made, hours ago perhaps).
+        if s.phase == Phase::Burst && now.saturating_duration_since(s.last_turn) >= BURST_IDLE {
+            s.resumed_at = now;
+            s.ok_since_resume = 0;
+        }
         let mut slot = now;
         if let Some(p) = s.paused_until.filter(|p| *p > now) {
             slot = p;
@@ -228,6 +246,11 @@ impl Pacer {
                 reason,
             });
         }
+        if priority == Priority::Backlog && slot > now + RESERVE_AHEAD {
+            // Too far off to hold now: wake when it is near, then ask again.
+            return Ok((slot - RESERVE_AHEAD, s.generation.wrapping_sub(1)));
+        }
+        s.last_turn = now;
         if let Some(rate) = s.rate {
             let gap = Duration::from_secs_f64(1.0 / rate.max(MIN_RATE));
             s.next_slot = s.next_slot.max(slot) + gap;
@@ -248,12 +271,14 @@ impl Pacer {
                     tracing::info!("Bitbucket answers again; delivering what was held");
                 }
                 s.ok_since_resume = s.ok_since_resume.saturating_add(1);
+                s.ok_since_raise = s.ok_since_raise.saturating_add(1);
                 match s.phase {
                     Phase::Ramp { since }
                         if now.saturating_duration_since(since) >= Duration::from_secs(1) =>
                     {
                         s.rate = s.rate.map(|r| r * 2.0);
                         s.phase = Phase::Ramp { since: now };
+                        s.ok_since_raise = 0;
                     }
                     Phase::Steady
                         if self.configured.is_none()
@@ -284,8 +309,11 @@ impl Pacer {
                         2.0 * f64::from(s.burst) / (since + waited)
                     }
                     Phase::Ramp { since } => {
-                        let rate = s.rate.unwrap_or(MIN_RATE);
                         let ramping = now.saturating_duration_since(since).as_secs_f64().max(1e-3);
+                        // The rate posts were really sent at: the pacer's, unless fewer were
+                        // waiting to go.
+                        let sent = f64::from(s.ok_since_raise) / ramping;
+                        let rate = s.rate.unwrap_or(MIN_RATE).min(sent);
                         // The bucket was full when this rate began and ran dry after `ramping`:
                         // rate - refill = burst / ramping.
                         let drained = rate - f64::from(s.burst) / ramping;
@@ -308,6 +336,7 @@ impl Pacer {
                 s.resumed_at = until;
                 s.last_raise = until;
                 s.ok_since_resume = 0;
+                s.ok_since_raise = 0;
                 s.generation = s.generation.wrapping_add(1);
                 tracing::warn!(
                     wait_ms = wait.as_millis() as u64,
@@ -409,6 +438,107 @@ mod tests {
             assert!(
                 f64::from(refused) <= f64::from(posts) * 0.05,
                 "{refused} refused of {posts}"
+            );
+        }
+    }
+
+    /// Bitbucket Data Center's token bucket in tokio's time: an empty bucket answers 429 with
+    /// a whole number of seconds to wait (rounded up, at least 1), as the fake does.
+    struct Bucket {
+        tokens: f64,
+        last: Instant,
+        size: f64,
+        refill: f64,
+    }
+
+    impl Bucket {
+        fn take(&mut self) -> Result<(), Duration> {
+            let now = Instant::now();
+            self.tokens =
+                (self.tokens + (now - self.last).as_secs_f64() * self.refill).min(self.size);
+            self.last = now;
+            if self.tokens >= 1.0 {
+                self.tokens -= 1.0;
+                Ok(())
+            } else {
+                let wait = ((1.0 - self.tokens) / self.refill).ceil().max(1.0);
+                Err(Duration::from_secs_f64(wait))
+            }
+        }
+    }
+
+    /// `posts` statuses through `workers` concurrent posters, as the reporter sends a backlog
+    /// (each retries its post after a 429), starting `idle` after the pacer was made. Returns
+    /// the seconds from the first post to the last success, and the posts answered 429.
+    async fn drain_concurrently(
+        pacer: &Pacer,
+        posts: u32,
+        workers: usize,
+        (size, refill): (f64, f64),
+        idle: Duration,
+    ) -> (f64, u32) {
+        use std::cell::{Cell, RefCell};
+        tokio::time::sleep(idle).await;
+        let t0 = Instant::now();
+        let bucket = RefCell::new(Bucket {
+            tokens: size,
+            last: t0,
+            size,
+            refill,
+        });
+        let (next, refused, done) = (Cell::new(0u32), Cell::new(0u32), Cell::new(t0));
+        let worker = || async {
+            while next.get() < posts {
+                next.set(next.get() + 1);
+                loop {
+                    pacer
+                        .acquire(Priority::Backlog, Duration::from_secs(60))
+                        .await
+                        .expect("a turn within a minute");
+                    // The post's round trip.
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    let answer = bucket.borrow_mut().take();
+                    match answer {
+                        Ok(()) => {
+                            pacer.feedback(Feedback::Accepted);
+                            done.set(Instant::now());
+                            break;
+                        }
+                        Err(wait) => {
+                            refused.set(refused.get() + 1);
+                            pacer.feedback(Feedback::RateLimited(Some(wait)));
+                        }
+                    }
+                }
+            }
+        };
+        futures::future::join_all((0..workers).map(|_| worker())).await;
+        ((done.get() - t0).as_secs_f64(), refused.get())
+    }
+
+    /// The reporter keeps 64 posts waiting for turns. Turns reserved at a rate the pacer has
+    /// since raised must not hold the backlog to the old rate (the ramp then measures a rate
+    /// that was never sent, and learns one far above the server's); and the first burst is
+    /// measured from the first post, not from when the pacer was made.
+    #[tokio::test(start_paused = true)]
+    async fn learns_a_token_bucket_with_many_posts_waiting() {
+        for (posts, size, refill, idle) in [
+            (1000, 20.0, 50.0, 0),
+            (1000, 20.0, 50.0, 5),
+            (600, 60.0, 5.0, 0),
+            (1000, 100.0, 20.0, 30),
+        ] {
+            let pacer = Pacer::new(None);
+            let idle = Duration::from_secs(idle);
+            let (took, refused) = drain_concurrently(&pacer, posts, 64, (size, refill), idle).await;
+            let bound = (f64::from(posts) - size) / refill;
+            assert!(
+                took <= bound * 1.2,
+                "{posts} posts, bucket {size}/{refill}, first post after {idle:?}: {took:.1} s, bound {bound:.1} s ({refused} refused)"
+            );
+            assert!(
+                f64::from(refused) <= f64::from(posts) * 0.05,
+                "{posts} posts, bucket {size}/{refill}, first post after {idle:?}: {refused} refused ({took:.1} s)"
             );
         }
     }

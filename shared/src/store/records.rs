@@ -660,9 +660,12 @@ impl StatusLedger for Store {
                 doc.leased_until = None;
                 doc.queued_at = None;
             }
-            if repost.is_some() {
+            if let Some(until) = repost {
                 doc.reported = None;
                 doc.queued_at = Some(now);
+                // The outbox posts it then; an observer meanwhile (a poll cycle, a webhook)
+                // must not post it before the earlier post can have landed.
+                doc.leased_until = Some(until);
                 tracing::info!(commit, key, version = %version,
                     "an unanswered earlier post may land after this one: posting it again later");
             }
@@ -761,6 +764,8 @@ impl StatusLedger for Store {
                     let now = Utc::now();
                     value.reported = None;
                     value.queued_at = Some(now);
+                    // Due in the outbox then; nobody posts it sooner (see `delivered`).
+                    value.leased_until = Some(next_attempt_at);
                     writes.push(put(
                         OUTBOX.into(),
                         sk.clone(),
