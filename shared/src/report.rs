@@ -319,8 +319,8 @@ impl Reporter {
     ) -> Result<Outcome, StoreError> {
         let (mut limited, mut unavailable) = (0u32, 0u32);
         loop {
-            let waited = match self.pacer.acquire(self.priority, self.max_wait).await {
-                Ok(waited) => waited,
+            match self.pacer.acquire(self.priority, self.max_wait).await {
+                Ok(_waited) => {}
                 Err(held) => {
                     let error = held.to_string();
                     // Due at once: the destination's pacer, not this status, says when.
@@ -337,19 +337,19 @@ impl Reporter {
                         .await?;
                     return Ok(Outcome::Deferred { error });
                 }
-            };
-            // Whatever arrived while this one waited for its turn (coalescing: a superseded
-            // state is never posted).
-            if waited >= Duration::from_millis(20) {
-                match self
-                    .ledger
-                    .standing(&status.commit, &status.key, status.version)
-                    .await?
-                {
-                    Standing::Wanted | Standing::Gone => {}
-                    Standing::AlreadyReported => return Ok(Outcome::AlreadyReported),
-                    Standing::Superseded => return Ok(Outcome::Superseded),
-                }
+            }
+            // Whatever arrived since this one was begun or while it waited for its turn
+            // (coalescing: a superseded state is never posted). A poll cycle reports many
+            // builds at once, so a newer build of the same commit may be recorded between this
+            // one's `begin_report` and its turn, however short the wait; one store read.
+            match self
+                .ledger
+                .standing(&status.commit, &status.key, status.version)
+                .await?
+            {
+                Standing::Wanted | Standing::Gone => {}
+                Standing::AlreadyReported => return Ok(Outcome::AlreadyReported),
+                Standing::Superseded => return Ok(Outcome::Superseded),
             }
             let error = match self.sink.post(&status.payload).await {
                 Ok(()) => {

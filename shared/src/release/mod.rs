@@ -18,4 +18,7 @@ pub mod state;
 pub mod tracker;
 pub mod version;
 
-pub use service::sweep_stuck;
+pub use service::{
+    CutRequest, DeployRequest, FreezeRequest, ProjectSpec, ReleaseError, ReleaseService,
+    RollbackRequest, StatusRequest, sweep_stuck,
+};
