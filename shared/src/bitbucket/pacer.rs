@@ -117,6 +117,11 @@ struct State {
     burst_secs: f64,
     /// The wait the server asked for after that burst.
     burst_wait: f64,
+    /// The last wait the server asked for (seconds).
+    last_wait: f64,
+    /// The last drain of a steady phase: the wait before it, then (seconds, posts accepted)
+    /// from the end of that wait to the 429 that ended it, at one rate throughout.
+    last_drain: Option<Drain>,
     ok_since_resume: u32,
     /// Successes since the ramp last doubled the rate: what was really sent at that rate.
     ok_since_raise: u32,
@@ -127,6 +132,13 @@ struct State {
     down: Option<Down>,
     /// Bumped whenever a pause or an outage begins: a turn reserved before it is void.
     generation: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Drain {
+    wait: f64,
+    secs: f64,
+    accepted: f64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -172,6 +184,8 @@ impl Pacer {
                 burst: 0,
                 burst_secs: 0.0,
                 burst_wait: 0.0,
+                last_wait: 0.0,
+                last_drain: None,
                 ok_since_resume: 0,
                 ok_since_raise: 0,
                 resumed_at: now,
@@ -347,13 +361,27 @@ impl Pacer {
                             step,
                         ) * 0.97
                     }
-                    Phase::Steady => s.rate.unwrap_or(MIN_RATE) * 0.95,
+                    Phase::Steady => {
+                        let rate = s.rate.unwrap_or(MIN_RATE);
+                        let drain = Drain {
+                            wait: s.last_wait,
+                            secs: now.saturating_duration_since(s.resumed_at).as_secs_f64(),
+                            accepted: ok,
+                        };
+                        let slope = s.last_drain.and_then(|d| refill_from_drains(d, drain));
+                        s.last_drain = Some(drain);
+                        match slope {
+                            Some(refill) if refill < rate => (refill * 0.97).min(rate * 0.95),
+                            _ => rate * 0.95,
+                        }
+                    }
                 };
                 let mut rate = learned.max(MIN_RATE);
                 if let Some(c) = self.configured {
                     rate = rate.min(c);
                 }
                 s.rate = Some(rate);
+                s.last_wait = waited;
                 let until = now + wait;
                 s.paused_until = Some(until);
                 s.next_slot = until;
@@ -423,6 +451,19 @@ fn refill_lower_bound(c1: f64, d1: f64, w: f64, c2: f64, d2: f64, r: f64, step: 
         refill = refill.max((r * step - c1) / (step - d1));
     }
     refill
+}
+
+/// The refill rate from two drains of the steady phase, each at one rate above the refill from
+/// the end of a wait to the next 429. After a wait `w` the bucket holds min(size, refill * w),
+/// so a drain of `secs` lets through min(size, refill * w) + refill * secs: for two drains after
+/// equal waits, the refill is the difference in posts over the difference in time, whether or
+/// not the bucket filled up. `None` where the two cannot tell it (other waits, too alike).
+fn refill_from_drains(a: Drain, b: Drain) -> Option<f64> {
+    let (dt, dn) = (b.secs - a.secs, b.accepted - a.accepted);
+    let same_wait = (a.wait - b.wait).abs() < 0.05;
+    (same_wait && dt.abs() >= 0.3 && dn.abs() >= 5.0)
+        .then(|| dn / dt)
+        .filter(|r| r.is_finite() && *r > 0.0)
 }
 
 /// The backlog's rate `into` a burst (before the first 429); `None`: unpaced.
@@ -595,6 +636,25 @@ mod tests {
                 "{posts} posts, bucket {size}/{refill}, first post after {idle:?}: {refused} refused ({took:.1} s)"
             );
         }
+    }
+
+    /// Drains after equal waits tell the refill whether or not the bucket filled up during the
+    /// wait; other waits, or drains too alike, tell nothing.
+    #[test]
+    fn the_refill_from_two_steady_drains() {
+        let drain = |wait, secs, accepted| Drain {
+            wait,
+            secs,
+            accepted,
+        };
+        // 20 tokens at 50/s, 1 s waits: full after each wait.
+        let (a, b) = (drain(1.0, 1.6, 20.0 + 80.0), drain(1.0, 2.8, 20.0 + 140.0));
+        assert!((refill_from_drains(a, b).unwrap() - 50.0).abs() < 1e-9);
+        // 60 tokens at 5/s, 1 s waits: 5 tokens after each wait.
+        let (a, b) = (drain(1.0, 2.0, 5.0 + 10.0), drain(1.0, 6.0, 5.0 + 30.0));
+        assert!((refill_from_drains(a, b).unwrap() - 5.0).abs() < 1e-9);
+        assert_eq!(refill_from_drains(a, drain(2.0, 6.0, 40.0)), None);
+        assert_eq!(refill_from_drains(a, drain(1.0, 2.1, 15.5)), None);
     }
 
     #[test]
