@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use chrono::{TimeZone, Utc};
 use kitebridge::bitbucket::request::{BitbucketState, StatusRequest};
+use kitebridge::buildkite::client::CreateBuild;
 use kitebridge::release::model::*;
 use kitebridge::status::StatusVersion;
 use kitebridge::store::*;
@@ -1382,7 +1383,13 @@ async fn pending_firings_lifecycle(kv: Kv) {
         source: "acme/web#1".into(),
         target_organization: "acme".into(),
         target_pipeline: "deploy".into(),
-        request: json!({"commit": "abc", "branch": "main"}),
+        request: CreateBuild {
+            commit: "abc".into(),
+            branch: "main".into(),
+            message: String::new(),
+            env: Default::default(),
+            meta_data: Default::default(),
+        },
         created_at: t0,
         attempted_at: None,
         attempts: 0,
@@ -1392,7 +1399,7 @@ async fn pending_firings_lifecycle(kv: Kv) {
     let a = pending("deploy", "b1", t0);
     assert!(store.add_pending(&a).await.unwrap());
     let mut other = a.clone();
-    other.request = json!({"commit": "zzz"});
+    other.request.commit = "zzz".into();
     assert!(!store.add_pending(&other).await.unwrap(), "the first stays");
     assert_eq!(
         store.pending("deploy", "b1").await.unwrap(),

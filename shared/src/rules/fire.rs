@@ -50,7 +50,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 
 use super::{Decision, META_RULE, META_SOURCE_BUILD_ID, Rule, RuleError, SourceBuild};
-use crate::buildkite::client::{BuildFilter, BuildkiteClient, BuildkiteError};
+use crate::buildkite::client::{BuildFilter, BuildkiteClient, BuildkiteError, CreateBuild};
 use crate::buildkite::model::Build;
 use crate::config::Config;
 use crate::net::SendError;
@@ -237,7 +237,7 @@ impl RuleFirer {
                 source: source.describe(),
                 target_organization: target_org,
                 target_pipeline,
-                request: serde_json::to_value(&request).unwrap_or(Value::Null),
+                request,
                 created_at: now,
                 attempted_at: None,
                 attempts: 0,
@@ -465,7 +465,7 @@ pub(crate) async fn create_or_find(
     buildkite: &BuildkiteClient,
     org: &str,
     pipeline: &str,
-    body: &Value,
+    body: &CreateBuild,
     since: DateTime<Utc>,
     meta_data: &[(&str, &str)],
 ) -> Result<Build, BuildkiteError> {

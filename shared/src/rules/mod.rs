@@ -34,6 +34,7 @@ use std::sync::OnceLock;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::buildkite::client::CreateBuild;
 use crate::buildkite::model::{Build, BuildState};
 use crate::cond::{self, CondError, Expr, Schema};
 use crate::config::Config;
@@ -258,16 +259,6 @@ pub struct Rule {
     conditions: Vec<(String, Option<Expr>)>,
 }
 
-/// The target build a rule would create (the body of `POST .../builds`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct TriggerBuild {
-    pub commit: String,
-    pub branch: String,
-    pub message: String,
-    pub env: BTreeMap<String, String>,
-    pub meta_data: BTreeMap<String, String>,
-}
-
 /// What a rule decides for a build.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
@@ -275,7 +266,8 @@ pub enum Decision {
     Trigger {
         organization: String,
         pipeline: String,
-        build: TriggerBuild,
+        /// The target build a rule would create.
+        build: CreateBuild,
     },
     /// Not this build, and why.
     Skip(String),
@@ -430,7 +422,7 @@ impl Rule {
                 .organization(default_org, source.organization)
                 .to_owned(),
             pipeline: self.target.slug.clone(),
-            build: TriggerBuild {
+            build: CreateBuild {
                 commit,
                 branch,
                 message,

@@ -38,7 +38,6 @@
 //! compare-and-set is a conditional write on `rev` (or on the item's absence). Items that expire
 //! carry `expires_at` (epoch seconds; the table's TTL attribute); reads ignore expired items, because
 //! DynamoDB deletes them lazily.
-
 //!
 //! # Files
 //!

@@ -10,6 +10,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::buildkite::client::CreateBuild;
+
 use super::cas::{CAS_ATTEMPTS, Cas, cas_retry, retry_on_conflict};
 use super::encoding::{decode, over, put};
 use super::keys::{PENDING_FIRING_PK as PENDING_PK, RULE_PK, pending_firing_sk as pending_sk};
@@ -49,8 +51,9 @@ pub struct PendingFiring {
     pub source: String,
     pub target_organization: String,
     pub target_pipeline: String,
-    /// The body of `POST .../builds`.
-    pub request: serde_json::Value,
+    /// The build to create. Stored as the JSON Buildkite receives (records written when this
+    /// was kept as an untyped JSON value have the same shape and read back the same).
+    pub request: CreateBuild,
     pub created_at: DateTime<Utc>,
     /// Set before the first request that may have reached Buildkite: from then on, a retry first
     /// looks for a build created since then carrying this firing's meta-data.
