@@ -493,8 +493,10 @@ pub(crate) async fn create_or_find(
 pub(crate) fn may_have_acted(e: &BuildkiteError) -> bool {
     match e {
         BuildkiteError::Send(SendError::Status { status, .. }) => *status == 408 || *status >= 500,
-        BuildkiteError::Send(SendError::Connect(m)) => !m.contains("refused"),
-        BuildkiteError::Send(SendError::Timeout | SendError::Other(_)) => true,
+        BuildkiteError::Send(SendError::Refused(_)) => false,
+        BuildkiteError::Send(SendError::Connect(_) | SendError::Timeout | SendError::Other(_)) => {
+            true
+        }
         // A 2xx whose body did not decode: it was created.
         BuildkiteError::Decode(_) => true,
     }
@@ -571,7 +573,7 @@ mod tests {
         for e in [status(400), status(404), status(422), status(429)] {
             assert!(!may_have_acted(&e), "{e}");
         }
-        let refused = BuildkiteError::Send(SendError::Connect(
+        let refused = BuildkiteError::Send(SendError::Refused(
             "Connection refused (os error 111)".into(),
         ));
         assert!(!may_have_acted(&refused));
