@@ -8,6 +8,7 @@ use serde::Deserialize;
 use super::error::ReleaseError;
 use super::model::{Environment, PipelineRef, VersionScheme};
 use super::version::{self, Bump};
+use crate::names;
 
 type Result<T> = std::result::Result<T, ReleaseError>;
 
@@ -76,27 +77,14 @@ pub struct FreezeRequest {
     pub reason: Option<String>,
 }
 
-const MAX_NAME: usize = 64;
 const MAX_ENVIRONMENTS: usize = 50;
 const MAX_VARIABLES: usize = 100;
 const MAX_VALUE: usize = 4096;
 const MAX_TEXT: usize = 1000;
 
-/// Project and environment names: letters, digits, `-` and `_` (as Aviator allows), so they are
-/// safe in store keys, URLs and meta-data.
+/// Project and environment names ([`names::validate_release_name`]).
 pub fn validate_name(field: &str, name: &str) -> Result<()> {
-    if name.is_empty()
-        || name.len() > MAX_NAME
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
-        return Err(ReleaseError::invalid(
-            field,
-            format!("must be 1 to {MAX_NAME} letters, digits, `-` or `_`"),
-        ));
-    }
-    Ok(())
+    names::validate_release_name(name).map_err(|m| ReleaseError::invalid(field, m))
 }
 
 pub(super) fn validate_commit(commit: &str) -> Result<String> {
@@ -124,12 +112,7 @@ pub(super) fn validate_branch(branch: &str) -> Result<()> {
 }
 
 fn validate_pipeline(field: &str, p: &PipelineRef) -> Result<()> {
-    let slug = |s: &str| {
-        !s.is_empty()
-            && s.len() <= 100
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    };
+    let slug = names::is_written_slug;
     if !slug(&p.organization) {
         return Err(ReleaseError::invalid(
             format!("{field}.organization"),

@@ -34,7 +34,7 @@ pub(super) fn firing_pk(rule: &str) -> String {
 }
 
 pub(super) fn pending_firing_sk(rule: &str, source_build: &str) -> String {
-    // Rule names cannot contain `#` (see `names::is_rule_name`), so the key is unambiguous.
+    // Rule names cannot contain `#` (see `names::validate_rule_name`), so the key is unambiguous.
     format!("{rule}#{source_build}")
 }
 
