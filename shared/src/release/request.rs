@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 
 use super::error::ReleaseError;
-use super::model::{Environment, PipelineRef, VersionScheme};
+use super::model::{DeploymentStatus, Environment, PipelineRef, VersionScheme};
 use super::version::{self, Bump};
 use crate::names;
 
@@ -230,6 +230,17 @@ pub(super) fn parse_candidate_field(field: &str, v: &str) -> Result<(String, u32
                 format!("`{v}` is not a candidate version (`<version>-rcN`)"),
             )
         })
+}
+
+pub(super) fn parse_status(status: &str) -> Result<DeploymentStatus> {
+    DeploymentStatus::parse(status).ok_or_else(|| {
+        ReleaseError::invalid(
+            "status",
+            format!(
+                "`{status}` is not a status: pending, in_progress, success, failure, canceled or error"
+            ),
+        )
+    })
 }
 
 pub(super) fn optional_text(field: &str, v: Option<String>) -> Result<Option<String>> {

@@ -46,7 +46,8 @@ use super::model::{
     EnvironmentState, Project, Release,
 };
 use super::request::{
-    optional_text, parse_candidate_field, validate_branch, validate_commit, validate_spec,
+    optional_text, parse_candidate_field, parse_status, validate_branch, validate_commit,
+    validate_spec,
 };
 use super::state::{self, NoRollback, PatchDecision};
 use super::sweep::expire_if_stuck;
@@ -796,15 +797,7 @@ impl ReleaseService {
     ) -> Result<StatusUpdate> {
         let p = self.project(project).await?;
         let env = Self::environment_of(&p, environment)?.clone();
-        let status = DeploymentStatus::parse(&req.status).ok_or_else(|| {
-            ReleaseError::invalid(
-                "status",
-                format!(
-                    "`{}` is not a status: pending, in_progress, success, failure, canceled or error",
-                    req.status
-                ),
-            )
-        })?;
+        let status = parse_status(&req.status)?;
         let message = optional_text("error_message", req.error_message.clone())?;
         if env.deploy_pipeline.is_some() {
             return Err(ReleaseError::conflict(
@@ -823,23 +816,7 @@ impl ReleaseService {
             )
             .await?;
 
-        // The deployment this update is about: the active one, or the latest (for a repeated
-        // update of a finished deployment), if it is of this candidate.
-        let st = self.store.environment(project, environment).await?;
-        let mut target = match st.as_ref().and_then(|e| e.value.active_deployment.clone()) {
-            Some(id) => self.store.deployment(project, environment, &id).await?,
-            None => None,
-        };
-        if target.is_none() {
-            target = self
-                .store
-                .list_deployments(project, environment, None, 1)
-                .await?
-                .items
-                .into_iter()
-                .next()
-                .filter(|d| d.value.status == status);
-        }
+        let target = self.status_target(project, environment, status).await?;
         let (current, created) =
             match target.filter(|d| d.value.candidate_version == candidate.version) {
                 Some(d) => (self.fresh(d).await?, false),
@@ -891,6 +868,30 @@ impl ReleaseService {
                 })
             }
         }
+    }
+
+    /// The deployment a status update is about: the active one, or the latest (for a repeated
+    /// update of a finished deployment) when it already has that status.
+    async fn status_target(
+        &self,
+        project: &str,
+        environment: &str,
+        status: DeploymentStatus,
+    ) -> Result<Option<Versioned<Deployment>>> {
+        let st = self.store.environment(project, environment).await?;
+        if let Some(id) = st.and_then(|e| e.value.active_deployment)
+            && let Some(d) = self.store.deployment(project, environment, &id).await?
+        {
+            return Ok(Some(d));
+        }
+        Ok(self
+            .store
+            .list_deployments(project, environment, None, 1)
+            .await?
+            .items
+            .into_iter()
+            .next()
+            .filter(|d| d.value.status == status))
     }
 
     /// Freezes or unfreezes an environment.

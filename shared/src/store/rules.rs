@@ -254,3 +254,42 @@ async fn whole_partition<T: serde::de::DeserializeOwned>(
         after = items.last().map(|i| i.sk.clone());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Item;
+
+    #[test]
+    fn a_pending_firing_written_with_an_untyped_request_reads_back() {
+        // As written when `request` was kept as a JSON value (a serialized TriggerBuild).
+        let doc = r#"{"rule":"deploy","source_build":"b1","source":"acme/web#1",
+            "target_organization":"acme","target_pipeline":"deploy",
+            "request":{"commit":"abc","branch":"main","message":"Deploy",
+                "env":{"X":"1"},"meta_data":{"kitebridge:rule":"deploy"}},
+            "created_at":"2026-03-01T12:00:00Z","attempted_at":null,"attempts":0,
+            "next_attempt_at":"2026-03-01T12:00:00Z","last_error":null}"#;
+        let item = Item {
+            pk: PENDING_PK.into(),
+            sk: pending_sk("deploy", "b1"),
+            rev: 1,
+            doc: doc.into(),
+            expires_at: None,
+        };
+        let firing = decode::<PendingFiring>(&item).unwrap().value;
+        assert_eq!(firing.request.commit, "abc");
+        assert_eq!(firing.request.env.get("X").map(String::as_str), Some("1"));
+        assert_eq!(
+            firing
+                .request
+                .meta_data
+                .get("kitebridge:rule")
+                .map(String::as_str),
+            Some("deploy")
+        );
+        // And it is written back in the same shape.
+        let again: serde_json::Value = serde_json::to_value(&firing).unwrap();
+        let before: serde_json::Value = serde_json::from_str(doc).unwrap();
+        assert_eq!(again, before);
+    }
+}
