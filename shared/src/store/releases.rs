@@ -17,10 +17,10 @@ use crate::release::model::{BuildLink, Candidate, Deployment, EnvironmentState, 
 pub trait ReleaseStore: Send + Sync {
     async fn project(&self, name: &str) -> Result<Option<Versioned<Project>>>;
     /// Creates (`expected` None) or updates (`expected` = the rev read) a project; returns the
-    /// new rev. [`StoreError::Conflict`] if it changed meanwhile (or exists, when creating).
+    /// new rev. [`StoreError::Conflict`](super::StoreError::Conflict) if it changed meanwhile (or exists, when creating).
     async fn put_project(&self, project: &Project, expected: Option<u64>) -> Result<u64>;
 
-    /// Creates a release and its first candidate at once. [`StoreError::Conflict`] if the
+    /// Creates a release and its first candidate at once. [`StoreError::Conflict`](super::StoreError::Conflict) if the
     /// version exists in the project.
     async fn create_release(&self, release: &Release, first: &Candidate) -> Result<()>;
     async fn release(&self, project: &str, version: &str) -> Result<Option<Release>>;
@@ -32,7 +32,7 @@ pub trait ReleaseStore: Send + Sync {
         limit: usize,
     ) -> Result<Page<Release>>;
 
-    /// Adds a candidate; [`StoreError::Conflict`] if that number exists.
+    /// Adds a candidate; [`StoreError::Conflict`](super::StoreError::Conflict) if that number exists.
     async fn add_candidate(&self, candidate: &Candidate) -> Result<()>;
     async fn candidate(
         &self,
