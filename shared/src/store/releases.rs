@@ -17,11 +17,15 @@ use crate::release::model::{BuildLink, Candidate, Deployment, EnvironmentState, 
 pub trait ReleaseStore: Send + Sync {
     async fn project(&self, name: &str) -> Result<Option<Versioned<Project>>>;
     /// Creates (`expected` None) or updates (`expected` = the rev read) a project; returns the
-    /// new rev. [`StoreError::Conflict`](super::StoreError::Conflict) if it changed meanwhile (or exists, when creating).
+    /// new rev. [`StoreError::Conflict`] if it changed meanwhile (or exists, when creating).
+    ///
+    /// [`StoreError::Conflict`]: super::StoreError::Conflict
     async fn put_project(&self, project: &Project, expected: Option<u64>) -> Result<u64>;
 
-    /// Creates a release and its first candidate at once. [`StoreError::Conflict`](super::StoreError::Conflict) if the
+    /// Creates a release and its first candidate at once. [`StoreError::Conflict`] if the
     /// version exists in the project.
+    ///
+    /// [`StoreError::Conflict`]: super::StoreError::Conflict
     async fn create_release(&self, release: &Release, first: &Candidate) -> Result<()>;
     async fn release(&self, project: &str, version: &str) -> Result<Option<Release>>;
     /// Newest first.
@@ -32,7 +36,9 @@ pub trait ReleaseStore: Send + Sync {
         limit: usize,
     ) -> Result<Page<Release>>;
 
-    /// Adds a candidate; [`StoreError::Conflict`](super::StoreError::Conflict) if that number exists.
+    /// Adds a candidate; [`StoreError::Conflict`] if that number exists.
+    ///
+    /// [`StoreError::Conflict`]: super::StoreError::Conflict
     async fn add_candidate(&self, candidate: &Candidate) -> Result<()>;
     async fn candidate(
         &self,
