@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{TimeZone, Utc};
-use kitebridge::bitbucket::request::{BitbucketState, StatusRequest};
+use kitebridge::bitbucket::request::{BitbucketState, StatusBody, StatusRequest};
 use kitebridge::buildkite::client::CreateBuild;
 use kitebridge::release::model::*;
 use kitebridge::status::StatusVersion;
@@ -302,6 +302,7 @@ async fn cursor_race_exactly_one_wins(kv: Kv) {
 }
 
 fn status(commit: &str, key: &str, version: u64, state: &str) -> StatusRecord {
+    let bb_state = serde_json::from_value(json!(state)).unwrap_or(BitbucketState::Inprogress);
     StatusRecord {
         commit: commit.into(),
         key: key.into(),
@@ -310,8 +311,14 @@ fn status(commit: &str, key: &str, version: u64, state: &str) -> StatusRecord {
         payload: StatusRequest {
             method: "POST".into(),
             path: format!("/rest/build-status/1.0/commits/{commit}"),
-            body: json!({"state": state, "key": key, "v": version}),
-            state: serde_json::from_value(json!(state)).unwrap_or(BitbucketState::Inprogress),
+            body: StatusBody::new(
+                key.into(),
+                bb_state,
+                format!("https://buildkite.com/acme/web/builds/{version}"),
+                format!("v{version}"),
+                String::new(),
+            ),
+            state: bb_state,
         },
         source: None,
     }
