@@ -9,9 +9,8 @@
 //! - [`service`]: cut, deploy, roll back, freeze, status updates over the store and Buildkite;
 //!   [`service::sweep_stuck`] for the poll cycle.
 //! - [`tracker`]: the build observer that moves candidates and deployments from build states.
-//! - [`api`]: the HTTP routes.
+//! The HTTP routes are `http::releases`.
 
-pub mod api;
 pub mod model;
 pub mod service;
 pub mod state;
