@@ -186,7 +186,6 @@ mod tests {
             field::<CutRequest>(r#"{"commit":"a","branch":"m"} x"#),
             "body"
         );
-        assert_eq!(field::<CutRequest>("[1]"), "body");
         assert_eq!(
             field::<ProjectSpec>(r#"{"environments":[{"name":"a","requires":1}]}"#),
             "environments[0].requires"
