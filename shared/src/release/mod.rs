@@ -9,6 +9,7 @@
 //! - [`service`]: cut, deploy, roll back, freeze, status updates over the store and Buildkite;
 //!   [`service::sweep_stuck`] for the poll cycle.
 //! - [`tracker`]: the build observer that moves candidates and deployments from build states.
+//!
 //! The HTTP routes are `http::releases`.
 
 pub mod model;
