@@ -28,7 +28,7 @@ use tower::limit::GlobalConcurrencyLimitLayer;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
-use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
 
 pub use auth::{Auth, Authorized};
 pub use error::ApiError;
@@ -156,8 +156,11 @@ fn with_edge_layers(router: Router, config: &Config) -> Router {
                         request_id = id,
                     )
                 })
+                // One line per answer at debug; failures are logged where they happen, with
+                // what went wrong, so the layer does not log them again as errors.
                 .on_request(())
-                .on_response(DefaultOnResponse::new().level(tracing::Level::DEBUG)),
+                .on_response(DefaultOnResponse::new().level(tracing::Level::DEBUG))
+                .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)),
         )
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(axum::middleware::map_response(json_layer_answers))
@@ -237,4 +240,82 @@ impl<S: Send + Sync> FromRequest<S> for RawBody {
 
 async fn not_found() -> ApiError {
     ApiError::NoRoute
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use axum::routing::{get, post};
+    use serde_json::Value;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    async fn json(resp: Response) -> Value {
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_takes_too_long_is_a_json_503_with_a_request_id() {
+        let config = Config::from_lookup(|_| None).unwrap();
+        let slow = Router::new().route(
+            "/slow",
+            get(|| async {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                "late"
+            }),
+        );
+        let resp = with_edge_layers(slow, &config)
+            .oneshot(Request::get("/slow").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(resp.headers().contains_key(REQUEST_ID));
+        assert_eq!(json(resp).await["error"], "timeout");
+    }
+
+    #[tokio::test]
+    async fn bodies_over_the_limit_are_a_json_413_declared_or_streamed() {
+        let app = with_body_limit(
+            Router::new().route(
+                "/b",
+                post(|RawBody(b): RawBody| async move { b.len().to_string() }),
+            ),
+            4,
+        );
+        let call = |body: Body, length: Option<&str>| {
+            let mut req = Request::post("/b");
+            if let Some(n) = length {
+                req = req.header(header::CONTENT_LENGTH, n);
+            }
+            app.clone().oneshot(req.body(body).unwrap())
+        };
+        let declared = call(Body::from("abcde"), Some("5")).await.unwrap();
+        assert_eq!(declared.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        let v = json(declared).await;
+        assert_eq!(v["error"], "payload_too_large");
+        assert_eq!(v["message"], "the body is larger than the 4 bytes accepted");
+
+        let chunks: Vec<Result<&'static [u8], std::io::Error>> = vec![Ok(b"ab"), Ok(b"cde")];
+        let streamed = call(Body::from_stream(futures::stream::iter(chunks)), None)
+            .await
+            .unwrap();
+        assert_eq!(streamed.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(json(streamed).await["error"], "payload_too_large");
+
+        let broken: Vec<Result<&'static [u8], std::io::Error>> =
+            vec![Ok(b"ab"), Err(std::io::Error::other("connection reset"))];
+        let unreadable = call(Body::from_stream(futures::stream::iter(broken)), None)
+            .await
+            .unwrap();
+        assert_eq!(unreadable.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(json(unreadable).await["error"], "bad_request");
+
+        let fits = call(Body::from("abcd"), Some("4")).await.unwrap();
+        assert_eq!(fits.status(), StatusCode::OK);
+    }
 }
