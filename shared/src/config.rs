@@ -1094,6 +1094,35 @@ mod tests {
     }
 
     #[test]
+    fn server_limits_have_defaults_and_bounds() {
+        let c = config(&[]).unwrap();
+        assert_eq!(c.server.header_timeout, Duration::from_secs(10));
+        assert_eq!(c.server.request_timeout, Duration::from_secs(60));
+        assert_eq!(c.server.max_connections, 1024);
+        assert_eq!(c.server.max_requests, 256);
+        assert_eq!(c.server.shutdown_timeout, Duration::from_secs(20));
+        let c = config(&[
+            ("KITEBRIDGE_SERVER_HEADER_TIMEOUT", "2"),
+            ("KITEBRIDGE_SHUTDOWN_TIMEOUT", "5"),
+            ("KITEBRIDGE_SERVER_MAX_CONNECTIONS", "200"),
+        ])
+        .unwrap();
+        assert_eq!(c.server.header_timeout, Duration::from_secs(2));
+        assert_eq!(c.server.shutdown_timeout, Duration::from_secs(5));
+        assert_eq!(c.server.max_connections, 200);
+        for (name, bad) in [
+            ("KITEBRIDGE_SERVER_HEADER_TIMEOUT", "0"),
+            ("KITEBRIDGE_SERVER_REQUEST_TIMEOUT", "soon"),
+            ("KITEBRIDGE_SERVER_MAX_CONNECTIONS", "0"),
+            ("KITEBRIDGE_SERVER_MAX_REQUESTS", "-1"),
+            ("KITEBRIDGE_SHUTDOWN_TIMEOUT", "601"),
+        ] {
+            let e = config(&[(name, bad)]).unwrap_err().to_string();
+            assert!(e.contains(name), "{name}={bad}: {e}");
+        }
+    }
+
+    #[test]
     fn iam_auth_needs_no_api_token() {
         assert_eq!(config(&[]).unwrap().api_auth, ApiAuth::Token);
         let c = config(&[("KITEBRIDGE_API_AUTH", "IAM"), ("BUILDKITE_API_TOKEN", "t")]).unwrap();
