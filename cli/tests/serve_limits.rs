@@ -153,7 +153,7 @@ fn sigterm(child: &Child) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn half_sent_requests_are_closed_after_the_header_timeout() {
+async fn half_sent_requests_and_idle_connections_are_closed_after_the_header_timeout() {
     let s = serve(
         "header-timeout",
         &[("KITEBRIDGE_SERVER_HEADER_TIMEOUT", "2".into())],
@@ -162,7 +162,16 @@ async fn half_sent_requests_are_closed_after_the_header_timeout() {
     let started = Instant::now();
     let addr = s.addr;
     let closed = tokio::task::spawn_blocking(move || {
-        let mut conns = half_requests(addr, 200);
+        let mut conns = half_requests(addr, 199);
+        // And one kept alive after a whole request, then left idle.
+        let mut idle = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+        idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: kitebridge\r\n\r\n")
+            .unwrap();
+        let mut head = [0u8; 12];
+        idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        idle.read_exact(&mut head).unwrap();
+        assert!(head.starts_with(b"HTTP/1.1 "), "{head:?}");
+        conns.push(idle);
         let deadline = Instant::now() + Duration::from_secs(8);
         conns
             .iter_mut()
