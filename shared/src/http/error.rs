@@ -90,13 +90,15 @@ struct RuleAnswer<'a> {
 }
 
 impl ApiError {
-    /// A 400 about one input: `{"error": "invalid_request", "field": field, ...}`.
-    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> ApiError {
+    /// A 400 about one input: `{"error": "invalid_request", "field": field, "message":
+    /// "<field>: <problem>"}`, the shape of the releases API's own field errors.
+    pub fn invalid(field: impl Into<String>, problem: impl std::fmt::Display) -> ApiError {
+        let field = field.into();
         ApiError::Invalid {
             status: StatusCode::BAD_REQUEST,
             error: "invalid_request",
-            field: Some(field.into()),
-            message: message.into(),
+            message: format!("{field}: {problem}"),
+            field: Some(field),
         }
     }
 

@@ -17,7 +17,7 @@ use super::ApiError;
 /// Parses a JSON body; a problem is a 400 naming the field (`body` when it is not JSON).
 pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let value: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::invalid("body", format!("body: not valid JSON: {e}")))?;
+        .map_err(|e| ApiError::invalid("body", format!("not valid JSON: {e}")))?;
     serde_path_to_error::deserialize(ValueDeserializer(value)).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
@@ -28,7 +28,7 @@ pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
             // A missing or unknown field inside an element names the element, as serde does.
             (_, path) => path.to_owned(),
         };
-        ApiError::invalid(field.clone(), format!("{field}: {inner}"))
+        ApiError::invalid(field, inner)
     })
 }
 

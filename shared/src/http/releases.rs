@@ -134,7 +134,7 @@ async fn idempotent<T: Serialize>(
         _ => {
             return Err(ApiError::invalid(
                 "Idempotency-Key",
-                "Idempotency-Key: must be 1 to 255 visible ASCII characters",
+                "must be 1 to 255 visible ASCII characters",
             ));
         }
     };
@@ -211,7 +211,7 @@ fn paging(q: &HashMap<String, String>) -> Result<Paging, ApiError> {
             _ => {
                 return Err(ApiError::invalid(
                     "per_page",
-                    format!("per_page: must be a whole number from 1 to {MAX_PER_PAGE}"),
+                    format!("must be a whole number from 1 to {MAX_PER_PAGE}"),
                 ));
             }
         },
@@ -224,9 +224,7 @@ fn paging(q: &HashMap<String, String>) -> Result<Paging, ApiError> {
                 .ok()
                 .filter(|b| b.len() <= 300)
                 .and_then(|b| String::from_utf8(b).ok())
-                .ok_or_else(|| {
-                    ApiError::invalid("cursor", "cursor: not a cursor of this listing")
-                })?,
+                .ok_or_else(|| ApiError::invalid("cursor", "not a cursor of this listing"))?,
         ),
     };
     Ok(Paging { cursor, per_page })
