@@ -199,6 +199,31 @@ async fn later_states_are_reported_by_later_cycles_and_never_regress() {
     );
 }
 
+/// A first cycle finds many commits each built twice (a build and its rebuild, listed on the
+/// same pages and reported many at a time): only the rebuild's state is ever posted, never the
+/// superseded one, not even for a moment before it.
+#[tokio::test]
+async fn a_rebuild_listed_with_the_build_it_replaced_is_the_only_state_posted() {
+    let w = world(data_center()).await;
+    let commits = 150u64;
+    for n in 1..=commits {
+        w.bk.add_build(Build::new(ORG, "web", sha(n), "main").with_state(BuildState::Failed));
+    }
+    for n in 1..=commits {
+        w.bk.add_build(Build::new(ORG, "web", sha(n), "main").with_state(BuildState::Passed));
+    }
+    let summary = poller(&w).cycle().await.unwrap();
+    assert_eq!(summary.reported.posted, commits, "{summary:?}");
+    for n in 1..=commits {
+        let states: Vec<String> =
+            w.bb.history(&sha(n), &key("web"))
+                .into_iter()
+                .map(|s| s.state)
+                .collect();
+        assert_eq!(states, ["SUCCESSFUL"], "commit {n}");
+    }
+}
+
 /// A job retried in a build that had finished, after the cursor moved past it: the
 /// `finished_from` listing finds it finishing again, and its new end replaces the old one, red
 /// to green and green to red.

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{TimeZone, Utc};
-use kitebridge::bitbucket::request::{BitbucketState, StatusRequest};
+use kitebridge::bitbucket::request::{BitbucketState, StatusBody, StatusRequest};
+use kitebridge::buildkite::client::CreateBuild;
 use kitebridge::release::model::*;
 use kitebridge::status::StatusVersion;
 use kitebridge::store::*;
@@ -301,6 +302,7 @@ async fn cursor_race_exactly_one_wins(kv: Kv) {
 }
 
 fn status(commit: &str, key: &str, version: u64, state: &str) -> StatusRecord {
+    let bb_state = serde_json::from_value(json!(state)).unwrap_or(BitbucketState::Inprogress);
     StatusRecord {
         commit: commit.into(),
         key: key.into(),
@@ -309,8 +311,14 @@ fn status(commit: &str, key: &str, version: u64, state: &str) -> StatusRecord {
         payload: StatusRequest {
             method: "POST".into(),
             path: format!("/rest/build-status/1.0/commits/{commit}"),
-            body: json!({"state": state, "key": key, "v": version}),
-            state: serde_json::from_value(json!(state)).unwrap_or(BitbucketState::Inprogress),
+            body: StatusBody::new(
+                key.into(),
+                bb_state,
+                format!("https://buildkite.com/acme/web/builds/{version}"),
+                format!("v{version}"),
+                String::new(),
+            ),
+            state: bb_state,
         },
         source: None,
     }
@@ -1382,7 +1390,13 @@ async fn pending_firings_lifecycle(kv: Kv) {
         source: "acme/web#1".into(),
         target_organization: "acme".into(),
         target_pipeline: "deploy".into(),
-        request: json!({"commit": "abc", "branch": "main"}),
+        request: CreateBuild {
+            commit: "abc".into(),
+            branch: "main".into(),
+            message: String::new(),
+            env: Default::default(),
+            meta_data: Default::default(),
+        },
         created_at: t0,
         attempted_at: None,
         attempts: 0,
@@ -1392,7 +1406,7 @@ async fn pending_firings_lifecycle(kv: Kv) {
     let a = pending("deploy", "b1", t0);
     assert!(store.add_pending(&a).await.unwrap());
     let mut other = a.clone();
-    other.request = json!({"commit": "zzz"});
+    other.request.commit = "zzz".into();
     assert!(!store.add_pending(&other).await.unwrap(), "the first stays");
     assert_eq!(
         store.pending("deploy", "b1").await.unwrap(),

@@ -325,7 +325,7 @@ fn example_payloads_build_requests_only_for_repositories_on_bitbucket() {
                 s.commit
             )
         );
-        assert_eq!(repository.body["parent"], "acme-inc/web-app");
+        assert_eq!(repository.body.parent.as_deref(), Some("acme-inc/web-app"));
 
         s.repository = Some("git@bitbucket.org:acme-inc/web-app.git".into());
         let cloud_req = build_request(&ApiKind::Cloud, &cloud, &s).expect(file);

@@ -719,11 +719,7 @@ fn redact_url(raw: &str) -> String {
     format!("{scheme}{rest}")
 }
 
-fn is_slug(s: &str) -> bool {
-    !s.is_empty()
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-}
+use crate::names::is_slug;
 
 struct Parser<'a, F: Fn(&str) -> Option<String>> {
     lookup: &'a F,

@@ -34,8 +34,9 @@ impl InterpolateError {
     }
 }
 
-/// Where variable values come from. `None` means unset, which differs from set-but-empty for
-/// `${NAME-word}` and `${NAME?msg}`.
+/// Where variable values come from, for `${VAR}` interpolation and for the shell-style
+/// substitutions of conditions ([`crate::cond`]). `None` means unset, which differs from
+/// set-but-empty for `${NAME-word}` and `${NAME?msg}`.
 pub trait Env {
     fn get(&self, name: &str) -> Option<Cow<'_, str>>;
 }

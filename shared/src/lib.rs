@@ -20,6 +20,7 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod interpolate;
+pub mod names;
 pub mod net;
 pub mod observe;
 pub mod poll;

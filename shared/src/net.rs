@@ -70,6 +70,11 @@ impl RetryPolicy {
 pub enum SendError {
     #[error("timed out")]
     Timeout,
+    /// The server refused the connection: nothing was sent, so nothing can have been acted on.
+    #[error("connection failed: {0}")]
+    Refused(String),
+    /// Connecting failed otherwise (DNS, TLS), or the connection broke while the request was
+    /// being sent: the server may have received it.
     #[error("connection failed: {0}")]
     Connect(String),
     #[error("HTTP {status}: {message}")]
@@ -86,7 +91,7 @@ impl SendError {
     /// Worth trying again later (the outbox keeps it).
     pub fn is_transient(&self) -> bool {
         match self {
-            SendError::Timeout | SendError::Connect(_) => true,
+            SendError::Timeout | SendError::Refused(_) | SendError::Connect(_) => true,
             SendError::Status { status, .. } => is_retryable_status(*status),
             SendError::Other(_) => false,
         }
@@ -95,8 +100,7 @@ impl SendError {
     /// The request may have reached the server and may still take effect (it timed out, or
     /// the connection broke after it was sent).
     pub fn is_ambiguous(&self) -> bool {
-        matches!(self, SendError::Timeout)
-            || matches!(self, SendError::Connect(m) if !m.contains("refused"))
+        matches!(self, SendError::Timeout | SendError::Connect(_))
     }
 
     pub fn retry_after(&self) -> Option<Duration> {
@@ -197,8 +201,10 @@ pub async fn send(
         let may_retry = match idempotence {
             Idempotence::Idempotent => error.is_transient(),
             Idempotence::NotIdempotent => {
-                matches!(error, SendError::Status { status: 429, .. })
-                    || matches!(&error, SendError::Connect(m) if m.contains("refused"))
+                matches!(
+                    error,
+                    SendError::Status { status: 429, .. } | SendError::Refused(_)
+                )
             }
         };
         if !may_retry || attempt >= policy.attempts {
@@ -217,15 +223,31 @@ pub async fn send(
 fn classify(e: &reqwest::Error) -> SendError {
     if e.is_timeout() {
         SendError::Timeout
+    } else if e.is_connect() && refused(e) {
+        SendError::Refused(error_chain(e))
     } else if e.is_connect() {
-        // The source chain says why (refused, DNS, TLS); the URL is left out because it may
-        // carry a path the caller treats as sensitive.
+        // The source chain says why (DNS, TLS); the URL is left out because it may carry a
+        // path the caller treats as sensitive.
         SendError::Connect(error_chain(e))
     } else if e.is_request() || e.is_body() {
         SendError::Connect(error_chain(e))
     } else {
         SendError::Other(error_chain(e))
     }
+}
+
+/// Whether the connection was refused, by the I/O error kind in the error's source chain.
+fn refused(e: &reqwest::Error) -> bool {
+    let mut source: Option<&dyn std::error::Error> = std::error::Error::source(e);
+    while let Some(s) = source {
+        if s.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+        {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 fn error_chain(e: &reqwest::Error) -> String {
@@ -326,6 +348,66 @@ mod tests {
             server_wait(StatusCode::SERVICE_UNAVAILABLE, &h),
             Some(MAX_SERVER_WAIT)
         );
+    }
+
+    /// A port nothing listens on: bound, then closed again.
+    fn closed_port() -> u16 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_told_by_its_kind_and_retried_even_when_not_idempotent() {
+        let url = format!("http://127.0.0.1:{}/", closed_port());
+        let http = client(Duration::from_secs(2)).unwrap();
+        let err = http.get(&url).send().await.unwrap_err();
+        let classified = classify(&err);
+        assert!(
+            matches!(classified, SendError::Refused(_)),
+            "{classified:?}"
+        );
+        assert!(classified.is_transient());
+        assert!(!classified.is_ambiguous());
+
+        let policy = RetryPolicy {
+            attempts: 3,
+            base: Duration::from_millis(1),
+            cap: Duration::from_millis(2),
+            ..RetryPolicy::default()
+        };
+        let tries = std::sync::atomic::AtomicU32::new(0);
+        let result = send(
+            || {
+                tries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                http.post(&url)
+            },
+            &policy,
+            Idempotence::NotIdempotent,
+        )
+        .await;
+        assert!(matches!(result, Err(SendError::Refused(_))));
+        assert_eq!(
+            tries.into_inner(),
+            3,
+            "nothing was sent, so each attempt may be retried"
+        );
+    }
+
+    #[test]
+    fn which_failures_may_have_reached_the_server() {
+        let cases = [
+            (SendError::Timeout, true, true),
+            (SendError::Refused("refused".into()), true, false),
+            (SendError::Connect("connection reset".into()), true, true),
+            (SendError::Other("builder".into()), false, false),
+        ];
+        for (e, transient, ambiguous) in cases {
+            assert_eq!(
+                (e.is_transient(), e.is_ambiguous()),
+                (transient, ambiguous),
+                "{e:?}"
+            );
+        }
     }
 
     #[test]

@@ -476,7 +476,7 @@ fn feedback_for(error: &SendError) -> Feedback {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bitbucket::request::BitbucketState;
+    use crate::bitbucket::request::{BitbucketState, StatusBody};
     use crate::store::{SqliteKv, Store};
 
     /// Bitbucket taking every post, and remembering it.
@@ -505,7 +505,13 @@ mod tests {
             payload: StatusRequest {
                 method: "POST".into(),
                 path: format!("/rest/build-status/1.0/commits/{commit}"),
-                body: serde_json::json!({"state": state.as_str(), "build": build}),
+                body: StatusBody::new(
+                    "acme/web".into(),
+                    state,
+                    format!("https://buildkite.com/acme/web/builds/{build}"),
+                    format!("Web #{build}"),
+                    String::new(),
+                ),
                 state,
             },
             source: None,

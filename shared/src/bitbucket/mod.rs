@@ -1,8 +1,11 @@
-//! Bitbucket: where a repository lives ([`repo`]) and the request that posts a commit status to
-//! each of the three build-status APIs ([`request`]).
+//! Bitbucket, the destination of every status.
 //!
-//! Everything here is pure; the HTTP client that sends a [`request::StatusRequest`] is built on
-//! top.
+//! - [`repo`]: where a repository lives (a clone URL on this Bitbucket, which project and slug).
+//! - [`request`]: the request that posts a commit status to each of the three build-status
+//!   APIs (legacy, Data Center, Cloud), and the state mapping. Pure: no I/O.
+//! - [`client`]: the HTTP client that sends a [`request::StatusRequest`]
+//!   (Basic or Bearer auth, retries); for `BITBUCKET_API=auto` it asks the server once.
+//! - [`pacer`]: one per Bitbucket: the rate, the outage backoff and the priority of live posts.
 
 pub mod repo;
 pub mod request;

@@ -4,12 +4,14 @@
 //! - **Rate.** Data Center keeps a token bucket per user (a burst, then a steady refill) and
 //!   answers 429 with `Retry-After` when it is empty; Cloud counts requests per hour and answers
 //!   429 with no `Retry-After`. With `BITBUCKET_RATE_LIMIT` set, posts are spaced at that rate
-//!   from the start. Otherwise the pacer learns: posts go unpaced until the first 429, whose
-//!   count of successes is the server's burst; after the wait, the rate starts from what that
-//!   burst and wait allow and doubles each second until the next 429; the time that took, less
-//!   what the burst covered, is the server's refill rate, and the pacer keeps just under it (a
-//!   further 429 takes 5% off; each quiet second adds 0.5%). Every wait a server asks for is
-//!   honoured, capped at [`MAX_SERVER_WAIT`].
+//!   from the start. Otherwise the pacer learns: before the first 429 a burst starts at 50/s
+//!   and doubles every 100 ms (unpaced past 4,000/s), so the bucket runs dry one post at a time
+//!   rather than under a wave of posts sent together; what that burst got through is the
+//!   server's size (less what it refilled meanwhile). After the wait, the rate starts from what
+//!   the burst and wait allow and doubles each second until the next 429; from the two moments
+//!   the bucket was empty the pacer takes the refill rate ([`refill_lower_bound`]) and keeps just
+//!   under it (a further 429 takes 5% off; each quiet second adds 0.5%). Every wait a server asks
+//!   for is honoured, capped at [`MAX_SERVER_WAIT`].
 //! - **Availability.** A 5xx, a timeout or a refused connection marks the destination down for
 //!   1 s, doubling to 60 s: posts are held (they stay in the outbox) and one probe goes out when
 //!   the time is up. The first success clears it, and everything held may go at once.
@@ -38,6 +40,14 @@ const MIN_RATE: f64 = 1.0 / 60.0;
 const RESERVE_AHEAD: Duration = Duration::from_millis(100);
 /// A quiet spell after which a post starts a new burst (before the first 429).
 const BURST_IDLE: Duration = Duration::from_secs(1);
+/// Before the first 429 a burst starts at this rate and doubles every [`BURST_STEP`] until it
+/// passes [`BURST_UNPACED`], from where it is unpaced: a backlog of many posts waiting at once
+/// then reaches an empty bucket one post at a time (the 429 that tells the pacer so refuses one
+/// post or two, not every post that was sent together), and a Bitbucket with no limit loses
+/// well under a second to it.
+const BURST_START_RATE: f64 = 50.0;
+const BURST_STEP: Duration = Duration::from_millis(100);
+const BURST_UNPACED: f64 = 4000.0;
 
 /// Whose post it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +113,15 @@ struct State {
     paused_until: Option<Instant>,
     /// Successes before the first 429: the server's burst.
     burst: u32,
+    /// How long that burst took (it was paced, so the server refilled some of it meanwhile).
+    burst_secs: f64,
+    /// The wait the server asked for after that burst.
+    burst_wait: f64,
+    /// The last wait the server asked for (seconds).
+    last_wait: f64,
+    /// The last drain of a steady phase: the wait before it, then (seconds, posts accepted)
+    /// from the end of that wait to the 429 that ended it, at one rate throughout.
+    last_drain: Option<Drain>,
     ok_since_resume: u32,
     /// Successes since the ramp last doubled the rate: what was really sent at that rate.
     ok_since_raise: u32,
@@ -113,6 +132,13 @@ struct State {
     down: Option<Down>,
     /// Bumped whenever a pause or an outage begins: a turn reserved before it is void.
     generation: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Drain {
+    wait: f64,
+    secs: f64,
+    accepted: f64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -156,6 +182,10 @@ impl Pacer {
                 next_slot: now,
                 paused_until: None,
                 burst: 0,
+                burst_secs: 0.0,
+                burst_wait: 0.0,
+                last_wait: 0.0,
+                last_drain: None,
                 ok_since_resume: 0,
                 ok_since_raise: 0,
                 resumed_at: now,
@@ -251,7 +281,11 @@ impl Pacer {
             return Ok((slot - RESERVE_AHEAD, s.generation.wrapping_sub(1)));
         }
         s.last_turn = now;
-        if let Some(rate) = s.rate {
+        let rate = match s.phase {
+            Phase::Burst => burst_rate(now.saturating_duration_since(s.resumed_at)),
+            _ => s.rate,
+        };
+        if let Some(rate) = rate {
             let gap = Duration::from_secs_f64(1.0 / rate.max(MIN_RATE));
             s.next_slot = s.next_slot.max(slot) + gap;
         }
@@ -304,32 +338,50 @@ impl Pacer {
                     Phase::Burst => {
                         s.burst = s.ok_since_resume.max(1);
                         let since = now.saturating_duration_since(s.resumed_at).as_secs_f64();
+                        s.burst_secs = since;
+                        s.burst_wait = waited;
                         s.phase = Phase::Ramp { since: now + wait };
                         // What the burst and this wait allow, doubled: the ramp starts there.
                         2.0 * f64::from(s.burst) / (since + waited)
                     }
                     Phase::Ramp { since } => {
-                        let ramping = now.saturating_duration_since(since).as_secs_f64().max(1e-3);
-                        // The rate posts were really sent at: the pacer's, unless fewer were
-                        // waiting to go.
-                        let sent = f64::from(s.ok_since_raise) / ramping;
-                        let rate = s.rate.unwrap_or(MIN_RATE).min(sent);
-                        // The bucket was full when this rate began and ran dry after `ramping`:
-                        // rate - refill = burst / ramping.
-                        let drained = rate - f64::from(s.burst) / ramping;
-                        // What the server let through since the last wait, that wait included.
-                        let since = now.saturating_duration_since(s.resumed_at).as_secs_f64();
-                        let let_through = ok / (since + waited);
+                        let step = now.saturating_duration_since(since).as_secs_f64();
+                        // The rate the last step really sent at: the pacer's, unless fewer
+                        // posts were waiting to go.
+                        let sent = f64::from(s.ok_since_raise) / step.max(1e-3);
+                        let r = s.rate.unwrap_or(MIN_RATE).min(sent);
                         s.phase = Phase::Steady;
-                        drained.max(let_through) * 0.97
+                        refill_lower_bound(
+                            f64::from(s.burst),
+                            s.burst_secs,
+                            s.burst_wait,
+                            ok,
+                            now.saturating_duration_since(s.resumed_at).as_secs_f64(),
+                            r,
+                            step,
+                        ) * 0.97
                     }
-                    Phase::Steady => s.rate.unwrap_or(MIN_RATE) * 0.95,
+                    Phase::Steady => {
+                        let rate = s.rate.unwrap_or(MIN_RATE);
+                        let drain = Drain {
+                            wait: s.last_wait,
+                            secs: now.saturating_duration_since(s.resumed_at).as_secs_f64(),
+                            accepted: ok,
+                        };
+                        let slope = s.last_drain.and_then(|d| refill_from_drains(d, drain));
+                        s.last_drain = Some(drain);
+                        match slope {
+                            Some(refill) if refill < rate => (refill * 0.97).min(rate * 0.95),
+                            _ => rate * 0.95,
+                        }
+                    }
                 };
                 let mut rate = learned.max(MIN_RATE);
                 if let Some(c) = self.configured {
                     rate = rate.min(c);
                 }
                 s.rate = Some(rate);
+                s.last_wait = waited;
                 let until = now + wait;
                 s.paused_until = Some(until);
                 s.next_slot = until;
@@ -376,6 +428,49 @@ impl Pacer {
             down_for_s: s.down.and_then(|d| left(d.until)),
         }
     }
+}
+
+/// The server's refill rate, as the largest of three lower bounds (each holds whatever the
+/// bucket did in between; only their sharpness depends on it). Known: the first burst (`c1`
+/// posts accepted in `d1` seconds from a bucket taken to be full, so size = c1 - refill * d1)
+/// ended with the bucket empty; the server asked for a wait of `w`; since it, `c2` posts were
+/// accepted in `d2` seconds, the last step of the ramp sending at `r` for `step` seconds,
+/// and the bucket is empty again.
+/// - No more than the refill is let through between two empties: refill >= c2 / (w + d2).
+/// - The bucket held at most its size after the wait: c2 <= size + refill * d2, so
+///   refill >= (c2 - c1) / (d2 - d1). Sharp when the bucket filled up during the wait.
+/// - It held at most its size when the last step began and was drained by it:
+///   (r - refill) * step <= size, so refill >= (r * step - c1) / (step - d1). Sharp when the
+///   bucket filled up during the step before.
+fn refill_lower_bound(c1: f64, d1: f64, w: f64, c2: f64, d2: f64, r: f64, step: f64) -> f64 {
+    let mut refill = c2 / (w + d2).max(1e-3);
+    if d2 > d1 + 0.1 {
+        refill = refill.max((c2 - c1) / (d2 - d1));
+    }
+    if step > d1 + 0.1 {
+        refill = refill.max((r * step - c1) / (step - d1));
+    }
+    refill
+}
+
+/// The refill rate from two drains of the steady phase, each at one rate above the refill from
+/// the end of a wait to the next 429. After a wait `w` the bucket holds min(size, refill * w),
+/// so a drain of `secs` lets through min(size, refill * w) + refill * secs: for two drains after
+/// equal waits, the refill is the difference in posts over the difference in time, whether or
+/// not the bucket filled up. `None` where the two cannot tell it (other waits, too alike).
+fn refill_from_drains(a: Drain, b: Drain) -> Option<f64> {
+    let (dt, dn) = (b.secs - a.secs, b.accepted - a.accepted);
+    let same_wait = (a.wait - b.wait).abs() < 0.05;
+    (same_wait && dt.abs() >= 0.3 && dn.abs() >= 5.0)
+        .then(|| dn / dt)
+        .filter(|r| r.is_finite() && *r > 0.0)
+}
+
+/// The backlog's rate `into` a burst (before the first 429); `None`: unpaced.
+fn burst_rate(into: Duration) -> Option<f64> {
+    let doublings = into.as_secs_f64() / BURST_STEP.as_secs_f64();
+    let rate = BURST_START_RATE * doublings.min(16.0).exp2();
+    (rate < BURST_UNPACED).then_some(rate)
 }
 
 #[cfg(test)]
@@ -541,6 +636,25 @@ mod tests {
                 "{posts} posts, bucket {size}/{refill}, first post after {idle:?}: {refused} refused ({took:.1} s)"
             );
         }
+    }
+
+    /// Drains after equal waits tell the refill whether or not the bucket filled up during the
+    /// wait; other waits, or drains too alike, tell nothing.
+    #[test]
+    fn the_refill_from_two_steady_drains() {
+        let drain = |wait, secs, accepted| Drain {
+            wait,
+            secs,
+            accepted,
+        };
+        // 20 tokens at 50/s, 1 s waits: full after each wait.
+        let (a, b) = (drain(1.0, 1.6, 20.0 + 80.0), drain(1.0, 2.8, 20.0 + 140.0));
+        assert!((refill_from_drains(a, b).unwrap() - 50.0).abs() < 1e-9);
+        // 60 tokens at 5/s, 1 s waits: 5 tokens after each wait.
+        let (a, b) = (drain(1.0, 2.0, 5.0 + 10.0), drain(1.0, 6.0, 5.0 + 30.0));
+        assert!((refill_from_drains(a, b).unwrap() - 5.0).abs() < 1e-9);
+        assert_eq!(refill_from_drains(a, drain(2.0, 6.0, 40.0)), None);
+        assert_eq!(refill_from_drains(a, drain(1.0, 2.1, 15.5)), None);
     }
 
     #[test]

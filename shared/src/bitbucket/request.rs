@@ -19,7 +19,7 @@ use std::borrow::Cow;
 
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value, json};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 use url::Url;
 
@@ -113,8 +113,64 @@ pub struct StatusRequest {
     pub method: String,
     /// Relative to the Bitbucket base URL (which may have a context path), starting with `/`.
     pub path: String,
-    pub body: Value,
+    pub body: StatusBody,
     pub state: BitbucketState,
+}
+
+/// The JSON body of a status post, fitted to its API's limits. The optional fields are those
+/// only some APIs take (see [`build_request`]); an absent one is left out of the JSON. The
+/// outbox keeps the body as it is posted, so records written when it was an untyped JSON
+/// object read back the same.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusBody {
+    pub key: String,
+    pub state: BitbucketState,
+    pub url: String,
+    pub name: String,
+    pub description: String,
+    /// Data Center's repository API: the build number, as text.
+    #[serde(
+        rename = "buildNumber",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub build_number: Option<String>,
+    /// Data Center's repository API: the key of the build this one belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// Data Center's repository API: the full ref built (`refs/heads/main`).
+    #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+    pub git_ref: Option<String>,
+    /// Data Center's repository API: milliseconds, once the build is final.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration: Option<u64>,
+    /// Cloud: the branch or tag name, matched against a pull request's source branch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refname: Option<String>,
+}
+
+impl StatusBody {
+    /// A body with the fields every API takes, and none of the others.
+    pub fn new(
+        key: String,
+        state: BitbucketState,
+        url: String,
+        name: String,
+        description: String,
+    ) -> Self {
+        StatusBody {
+            key,
+            state,
+            url,
+            name,
+            description,
+            build_number: None,
+            parent: None,
+            git_ref: None,
+            duration: None,
+            refname: None,
+        }
+    }
 }
 
 const NAME_LIMIT: usize = 255;
@@ -145,33 +201,24 @@ pub fn build_request(
         })?,
         None => Cow::Borrowed(status.url.as_str()),
     };
-    let mut body = Map::new();
-    body.insert("key".into(), json!(fit_key(&status.key, api.key_limit())));
-    body.insert("state".into(), json!(state.as_str()));
-    body.insert("url".into(), json!(url));
-    body.insert("name".into(), json!(fit_text(&status.name, NAME_LIMIT)));
-    body.insert(
-        "description".into(),
-        json!(fit_text(&status.description, DESCRIPTION_LIMIT)),
+    let mut body = StatusBody::new(
+        fit_key(&status.key, api.key_limit()).into_owned(),
+        state,
+        url.into_owned(),
+        fit_text(&status.name, NAME_LIMIT).into_owned(),
+        fit_text(&status.description, DESCRIPTION_LIMIT).into_owned(),
     );
     match api {
         ApiKind::Legacy => {}
         ApiKind::Repository { .. } => {
-            body.insert("buildNumber".into(), json!(status.build_number.to_string()));
-            body.insert(
-                "parent".into(),
-                json!(fit_key(&status.parent, api.key_limit())),
-            );
-            if let Some(r) = status
+            body.build_number = Some(status.build_number.to_string());
+            body.parent = Some(fit_key(&status.parent, api.key_limit()).into_owned());
+            body.git_ref = status
                 .ref_name
                 .as_deref()
                 .filter(|r| utf16_len(r) <= REF_LIMIT)
-            {
-                body.insert("ref".into(), json!(r));
-            }
-            if let Some(ms) = status.duration_ms.filter(|_| status.logical.is_final()) {
-                body.insert("duration".into(), json!(ms));
-            }
+                .map(str::to_owned);
+            body.duration = status.duration_ms.filter(|_| status.logical.is_final());
         }
         ApiKind::Cloud => {
             // Cloud matches `refname` against the pull request's source branch name.
@@ -180,15 +227,15 @@ pub fn build_request(
                     .or_else(|| r.strip_prefix("refs/tags/"))
                     .unwrap_or(r)
             });
-            if let Some(r) = short.filter(|r| utf16_len(r) <= REF_LIMIT) {
-                body.insert("refname".into(), json!(r));
-            }
+            body.refname = short
+                .filter(|r| utf16_len(r) <= REF_LIMIT)
+                .map(str::to_owned);
         }
     }
     Ok(StatusRequest {
         method: "POST".to_owned(),
         path,
-        body: Value::Object(body),
+        body,
         state,
     })
 }
@@ -421,6 +468,12 @@ pub fn parse_capabilities(json: &Value) -> Capabilities {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    /// The body as the JSON that is posted.
+    fn json_body(req: &StatusRequest) -> Value {
+        serde_json::to_value(&req.body).unwrap()
+    }
 
     const SHA: &str = "4e1f0c9b7a2d3e5f6a8b9c0d1e2f3a4b5c6d7e8f";
     const DC: &str = "https://bb.example.com/bitbucket";
@@ -483,7 +536,11 @@ mod tests {
                 };
                 let req = build_request(api, &url(base), &status(*logical, repo)).unwrap();
                 assert_eq!(req.state.as_str(), *word, "{logical:?} on {api:?}");
-                assert_eq!(req.body["state"], json!(word), "{logical:?} on {api:?}");
+                assert_eq!(
+                    json_body(&req)["state"],
+                    json!(word),
+                    "{logical:?} on {api:?}"
+                );
                 assert_eq!(req.method, "POST");
             }
         }
@@ -499,7 +556,7 @@ mod tests {
         .unwrap();
         assert_eq!(req.path, format!("/rest/build-status/1.0/commits/{SHA}"));
         assert_eq!(
-            req.body,
+            json_body(&req),
             json!({
                 "state": "SUCCESSFUL",
                 "key": "acme-inc/web-app",
@@ -515,6 +572,18 @@ mod tests {
             serde_json::from_value::<StatusRequest>(stored).unwrap(),
             req
         );
+
+        // A request stored when the body was an untyped JSON object reads back as the same
+        // body, and is posted as the same JSON.
+        let old = r#"{"method":"POST","path":"/rest/api/latest/projects/WEB/repos/app/commits/x/builds",
+            "body":{"buildNumber":"7","description":"d","duration":5,"key":"k","name":"n",
+                "parent":"p","ref":"refs/heads/main","state":"FAILED","url":"https://b/7"},
+            "state":"FAILED"}"#;
+        let read: StatusRequest = serde_json::from_str(old).unwrap();
+        assert_eq!(read.body.git_ref.as_deref(), Some("refs/heads/main"));
+        assert_eq!(read.body.state, BitbucketState::Failed);
+        let old: Value = serde_json::from_str(old).unwrap();
+        assert_eq!(serde_json::to_value(&read).unwrap(), old);
 
         // No repository: legacy does not need one.
         let mut s = status(LogicalState::Successful, DC_REPO);
@@ -538,7 +607,7 @@ mod tests {
             format!("/rest/api/latest/projects/WEB/repos/app/commits/{SHA}/builds")
         );
         assert_eq!(
-            req.body,
+            json_body(&req),
             json!({
                 "key": "acme-inc/web-app",
                 "state": "SUCCESSFUL",
@@ -562,7 +631,7 @@ mod tests {
             req.path,
             format!("/rest/api/latest/projects/~JDOE/repos/my%20repo/commits/{SHA}/builds")
         );
-        assert!(req.body.get("duration").is_none() && req.body.get("ref").is_none());
+        assert!(json_body(&req).get("duration").is_none() && json_body(&req).get("ref").is_none());
 
         let mut none = status(LogicalState::Successful, DC_REPO);
         none.repository = None;
@@ -602,7 +671,7 @@ mod tests {
             format!("/2.0/repositories/acme/web-app/commit/{SHA}/statuses/build")
         );
         assert_eq!(
-            req.body,
+            json_body(&req),
             json!({
                 "key": "acme-inc/web-app",
                 "state": "STOPPED",
@@ -646,7 +715,8 @@ mod tests {
         s.key = long.clone();
         s.parent = long.clone();
         let req = build_request(&ApiKind::Cloud, &url(CLOUD), &s).unwrap();
-        let key = req.body["key"].as_str().unwrap();
+        let body = json_body(&req);
+        let key = body["key"].as_str().unwrap();
         assert_eq!(key.len(), 40);
         assert!(key.starts_with("acme-inc/very-long-pipeline-slu~"), "{key}");
         // Stable, and distinct from a pipeline sharing the prefix.
@@ -657,8 +727,8 @@ mod tests {
         s.key = long.clone();
         s.parent = long.clone();
         let req = build_request(&ApiKind::Repository { cancelled: false }, &url(DC), &s).unwrap();
-        assert_eq!(req.body["key"], json!(long));
-        assert_eq!(req.body["parent"], json!(long));
+        assert_eq!(json_body(&req)["key"], json!(long));
+        assert_eq!(json_body(&req)["parent"], json!(long));
         let huge = "k".repeat(300);
         assert_eq!(utf16_len(&fit_key(&huge, 255)), 255);
         assert_eq!(fit_key(&huge, 5).len(), 5);
@@ -686,7 +756,7 @@ mod tests {
                 (ApiKind::Repository { cancelled: true }, DC),
             ] {
                 let req = build_request(&api, &url(base), &s).unwrap();
-                for (field, value) in req.body.as_object().unwrap() {
+                for (field, value) in json_body(&req).as_object().unwrap() {
                     if let Some(text) = value.as_str() {
                         let max = if field == "url" { 450 } else { 255 };
                         assert!(
@@ -696,7 +766,8 @@ mod tests {
                         );
                     }
                 }
-                let d = req.body["description"].as_str().unwrap();
+                let body = json_body(&req);
+                let d = body["description"].as_str().unwrap();
                 assert!(d.ends_with('…'), "{d}");
                 let kept = d.trim_end_matches('…').trim_end();
                 assert!(s.description.starts_with(kept));
@@ -708,9 +779,9 @@ mod tests {
             }
             s.repository = Some(CLOUD_REPO.into());
             let req = build_request(&ApiKind::Cloud, &url(CLOUD), &s).unwrap();
-            assert!(utf16_len(req.body["key"].as_str().unwrap()) <= 40);
-            assert!(utf16_len(req.body["name"].as_str().unwrap()) <= 255);
-            assert!(utf16_len(req.body["description"].as_str().unwrap()) <= 255);
+            assert!(utf16_len(json_body(&req)["key"].as_str().unwrap()) <= 40);
+            assert!(utf16_len(json_body(&req)["name"].as_str().unwrap()) <= 255);
+            assert!(utf16_len(json_body(&req)["description"].as_str().unwrap()) <= 255);
         }
     }
 
@@ -772,11 +843,11 @@ mod tests {
         let mut s = status(LogicalState::Failed, DC_REPO);
         s.ref_name = Some(format!("refs/heads/{}", "b".repeat(300)));
         let req = build_request(&ApiKind::Repository { cancelled: false }, &url(DC), &s).unwrap();
-        assert!(req.body.get("ref").is_none());
+        assert!(json_body(&req).get("ref").is_none());
         s.ref_name = Some("refs/tags/v1.0".into());
         s.repository = Some(CLOUD_REPO.into());
         let req = build_request(&ApiKind::Cloud, &url(CLOUD), &s).unwrap();
-        assert_eq!(req.body["refname"], json!("v1.0"));
+        assert_eq!(json_body(&req)["refname"], json!("v1.0"));
     }
 
     #[test]

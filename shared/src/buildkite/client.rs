@@ -4,6 +4,7 @@
 //! every answer; when a limit is spent, the next request waits for the window to turn instead of
 //! collecting a 429. A 429 that happens anyway is retried after `RateLimit-Reset`.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,6 +13,7 @@ use futures::stream::{self, StreamExt, TryStreamExt};
 use reqwest::header::HeaderMap;
 use reqwest::{Client, Response};
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use std::sync::Mutex;
 use url::Url;
 
@@ -23,6 +25,21 @@ pub const MAX_PER_PAGE: u32 = 100;
 /// Most pages one listing follows (200,000 builds): a `Link` that names more is refused rather
 /// than followed (or turned into that many URLs up front).
 pub const MAX_PAGES: u32 = 2_000;
+
+/// The body of `POST .../builds`: the build kitebridge asks for (a trigger rule's target, a
+/// release candidate's build, a deployment's). Kept as it is in the store while a firing waits
+/// (see [`crate::store::PendingFiring`]), so its serialized form is the JSON Buildkite receives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateBuild {
+    pub commit: String,
+    pub branch: String,
+    pub message: String,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Ties the build back to what created it (looked up after a lost answer).
+    #[serde(default)]
+    pub meta_data: BTreeMap<String, String>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildkiteError {
@@ -256,7 +273,7 @@ impl BuildkiteClient {
         &self,
         org: &str,
         pipeline: &str,
-        body: &serde_json::Value,
+        body: &CreateBuild,
     ) -> Result<T, BuildkiteError> {
         let url = join_url(
             &self.base,

@@ -489,11 +489,7 @@ pub fn slugs_from_url(url: &str) -> Option<(String, Option<String>)> {
     ))
 }
 
-fn is_slug(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
+use crate::names::is_slug;
 
 // ---- lenient field parsers ----
 

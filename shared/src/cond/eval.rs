@@ -8,9 +8,10 @@ use serde_json::Value;
 
 use super::ast::{InfixOp, Kind, Node};
 use super::regex::RegexLit;
-use super::shell::{self, ShellEnv};
+use super::shell;
 use super::vars::{self, Schema, unsupported_buildkite_env};
 use super::{CondError, Context, ErrorKind};
+use crate::interpolate::Env;
 
 #[derive(Debug, Clone)]
 pub(crate) enum Val<'a> {
@@ -58,7 +59,7 @@ pub(crate) struct Scope<'c> {
     pub raw: bool,
 }
 
-impl ShellEnv for Scope<'_> {
+impl Env for Scope<'_> {
     fn get(&self, name: &str) -> Option<Cow<'_, str>> {
         vars::env(self.schema, self.ctx, name)
     }

@@ -10,10 +10,8 @@
 
 use std::borrow::Cow;
 
-/// Where substitutions read variables.
-pub(crate) trait ShellEnv {
-    fn get(&self, name: &str) -> Option<Cow<'_, str>>;
-}
+/// Substitutions read variables where `${VAR}` interpolation does: one [`Env`] trait for both.
+use crate::interpolate::Env;
 
 fn is_name_start(c: u8) -> bool {
     c.is_ascii_alphabetic() || c == b'_'
@@ -176,10 +174,7 @@ pub(crate) fn bytes_to_string(bytes: Vec<u8>) -> String {
 }
 
 /// A standalone `$name...` or `${...}` token. `None` is "unset" (a condition reads it as null).
-pub(crate) fn eval_token<E: ShellEnv + ?Sized>(
-    raw: &str,
-    env: &E,
-) -> Result<Option<String>, String> {
+pub(crate) fn eval_token<E: Env + ?Sized>(raw: &str, env: &E) -> Result<Option<String>, String> {
     if let Some(inner) = raw.strip_prefix("${").and_then(|r| r.strip_suffix('}')) {
         return braced(inner, env);
     }
@@ -206,7 +201,7 @@ fn split_name(s: &str) -> Option<(&str, &str)> {
 }
 
 /// The inside of `${...}`.
-fn braced<E: ShellEnv + ?Sized>(inner: &str, env: &E) -> Result<Option<String>, String> {
+fn braced<E: Env + ?Sized>(inner: &str, env: &E) -> Result<Option<String>, String> {
     let bad = || format!("invalid shell expansion: ${{{inner}}}");
     let (name, rest) = split_name(inner).ok_or_else(bad)?;
     if rest.is_empty() {
@@ -235,11 +230,7 @@ fn braced<E: ShellEnv + ?Sized>(inner: &str, env: &E) -> Result<Option<String>, 
 
 /// `${name:offset}` and `${name:offset:length}`, counted in characters. The offset is evaluated
 /// (and must be an integer) even when the variable is unset, which then reads as unset.
-fn substring<E: ShellEnv + ?Sized>(
-    name: &str,
-    raw: &str,
-    env: &E,
-) -> Result<Option<String>, String> {
+fn substring<E: Env + ?Sized>(name: &str, raw: &str, env: &E) -> Result<Option<String>, String> {
     let parts = split_top_level_colons(raw);
     if parts.len() > 2 {
         return Err(format!("invalid shell substring: {raw}"));
@@ -270,7 +261,7 @@ fn substring<E: ShellEnv + ?Sized>(
     Ok(Some(chars[from as usize..to as usize].iter().collect()))
 }
 
-fn integer<E: ShellEnv + ?Sized>(raw: &str, env: &E) -> Result<i64, String> {
+fn integer<E: Env + ?Sized>(raw: &str, env: &E) -> Result<i64, String> {
     let text = eval_string(raw, env)?;
     let t = text.trim();
     let digits = t.strip_prefix('-').unwrap_or(t);
@@ -317,7 +308,7 @@ fn split_top_level_colons(raw: &str) -> Vec<&str> {
 /// Substitutes a word (the text after an operator) or the source text of a double-quoted
 /// string: backslash escapes decode, `$$` is a `$`, quotes group text (single quotes keep `$`
 /// literal), a `$` that starts nothing is kept.
-pub(crate) fn eval_string<E: ShellEnv + ?Sized>(raw: &str, env: &E) -> Result<String, String> {
+pub(crate) fn eval_string<E: Env + ?Sized>(raw: &str, env: &E) -> Result<String, String> {
     let b = raw.as_bytes();
     let mut out = Vec::with_capacity(raw.len());
     let mut i = 0;
@@ -335,7 +326,7 @@ pub(crate) fn eval_string<E: ShellEnv + ?Sized>(raw: &str, env: &E) -> Result<St
     Ok(bytes_to_string(out))
 }
 
-fn dollar<E: ShellEnv + ?Sized>(
+fn dollar<E: Env + ?Sized>(
     raw: &str,
     i: usize,
     env: &E,
@@ -358,7 +349,7 @@ fn dollar<E: ShellEnv + ?Sized>(
 
 /// Quoted text inside a word, from the opening quote at `start`; returns the index after the
 /// closing quote.
-fn quoted<E: ShellEnv + ?Sized>(
+fn quoted<E: Env + ?Sized>(
     raw: &str,
     start: usize,
     quote: u8,
@@ -390,7 +381,7 @@ mod tests {
     use std::collections::HashMap;
 
     struct M(HashMap<&'static str, &'static str>);
-    impl ShellEnv for M {
+    impl Env for M {
         fn get(&self, name: &str) -> Option<Cow<'_, str>> {
             self.0.get(name).map(|v| Cow::Borrowed(*v))
         }

@@ -6,19 +6,33 @@
 //!   Buildkite's latest word by its evidence: a late delivery never moves a record backwards, a
 //!   retried build moves it again; the environment's success history, rollback target, stuck
 //!   deployments).
-//! - [`service`]: cut, deploy, roll back, freeze, status updates over the store and Buildkite;
-//!   [`service::sweep_stuck`] for the poll cycle.
+//! - [`decide`]: the service's decisions as pure functions: may this candidate deploy here now
+//!   (or why not), what a deployment writes, the Buildkite build a cut or a deployment asks for.
+//! - [`request`]: the API's requests and their validation; [`error`]: why a request failed,
+//!   with its HTTP status.
+//! - [`service`]: cut, deploy, roll back, freeze, status updates over the store and Buildkite:
+//!   read, decide, write. [`build`]: getting one record's build, exactly once;
+//!   [`update`]: compare-and-set updates of one candidate or deployment.
+//! - [`sweep`]: [`sweep_stuck`] for the poll cycle.
 //! - [`tracker`]: the build observer that moves candidates and deployments from build states.
 //!
 //! The HTTP routes are `http::releases`.
 
+pub mod build;
+pub mod decide;
+pub mod error;
 pub mod model;
+pub mod request;
 pub mod service;
 pub mod state;
+pub mod sweep;
 pub mod tracker;
+pub mod update;
 pub mod version;
 
-pub use service::{
-    CutRequest, DeployRequest, FreezeRequest, ProjectSpec, ReleaseError, ReleaseService,
-    RollbackRequest, StatusRequest, sweep_stuck,
+pub use error::ReleaseError;
+pub use request::{
+    CutRequest, DeployRequest, FreezeRequest, ProjectSpec, RollbackRequest, StatusRequest,
 };
+pub use service::ReleaseService;
+pub use sweep::sweep_stuck;

@@ -7,12 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::status::StatusVersion;
 
-/// A Buildkite pipeline, by organization and slug.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PipelineRef {
-    pub organization: String,
-    pub pipeline: String,
-}
+pub use crate::names::PipelineRef;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]

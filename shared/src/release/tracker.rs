@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use chrono::Utc;
 
 use super::model::{BuildLink, BuildRef};
-use super::service::{update_candidate_with, update_deployment_with};
 use super::state;
+use super::update::{update_candidate_with, update_deployment_with};
 use crate::buildkite::model::{Build, Pipeline};
 use crate::observe::{BuildObserver, ObserveError};
 use crate::store::ReleaseStore;
@@ -46,8 +46,7 @@ fn build_ref(organization: &str, build: &Build, pipeline: Option<&Pipeline>) -> 
 #[async_trait]
 impl BuildObserver for ReleaseTracker {
     async fn tick(&self) -> Result<(), ObserveError> {
-        let swept =
-            super::service::sweep_stuck(self.store.as_ref(), self.deployment_timeout).await?;
+        let swept = super::sweep::sweep_stuck(self.store.as_ref(), self.deployment_timeout).await?;
         if swept > 0 {
             tracing::warn!(swept, "stuck deployments marked as error");
         }

@@ -50,7 +50,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 
 use super::{Decision, META_RULE, META_SOURCE_BUILD_ID, Rule, RuleError, SourceBuild};
-use crate::buildkite::client::{BuildFilter, BuildkiteClient, BuildkiteError};
+use crate::buildkite::client::{BuildFilter, BuildkiteClient, BuildkiteError, CreateBuild};
 use crate::buildkite::model::Build;
 use crate::config::Config;
 use crate::net::SendError;
@@ -237,7 +237,7 @@ impl RuleFirer {
                 source: source.describe(),
                 target_organization: target_org,
                 target_pipeline,
-                request: serde_json::to_value(&request).unwrap_or(Value::Null),
+                request,
                 created_at: now,
                 attempted_at: None,
                 attempts: 0,
@@ -465,7 +465,7 @@ pub(crate) async fn create_or_find(
     buildkite: &BuildkiteClient,
     org: &str,
     pipeline: &str,
-    body: &Value,
+    body: &CreateBuild,
     since: DateTime<Utc>,
     meta_data: &[(&str, &str)],
 ) -> Result<Build, BuildkiteError> {
@@ -493,8 +493,10 @@ pub(crate) async fn create_or_find(
 pub(crate) fn may_have_acted(e: &BuildkiteError) -> bool {
     match e {
         BuildkiteError::Send(SendError::Status { status, .. }) => *status == 408 || *status >= 500,
-        BuildkiteError::Send(SendError::Connect(m)) => !m.contains("refused"),
-        BuildkiteError::Send(SendError::Timeout | SendError::Other(_)) => true,
+        BuildkiteError::Send(SendError::Refused(_)) => false,
+        BuildkiteError::Send(SendError::Connect(_) | SendError::Timeout | SendError::Other(_)) => {
+            true
+        }
         // A 2xx whose body did not decode: it was created.
         BuildkiteError::Decode(_) => true,
     }
@@ -571,7 +573,7 @@ mod tests {
         for e in [status(400), status(404), status(422), status(429)] {
             assert!(!may_have_acted(&e), "{e}");
         }
-        let refused = BuildkiteError::Send(SendError::Connect(
+        let refused = BuildkiteError::Send(SendError::Refused(
             "Connection refused (os error 111)".into(),
         ));
         assert!(!may_have_acted(&refused));

@@ -34,10 +34,12 @@ use std::sync::OnceLock;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::buildkite::client::CreateBuild;
 use crate::buildkite::model::{Build, BuildState};
 use crate::cond::{self, CondError, Expr, Schema};
 use crate::config::Config;
 use crate::interpolate;
+use crate::names::{self, PipelineRef};
 pub use vars::SourceBuild;
 
 /// The one rule type kitebridge fires.
@@ -169,27 +171,28 @@ impl RuleError {
     }
 }
 
-/// `organization/slug`, or a bare `slug` (organization resolved later).
+/// A pipeline as a rule names it: `organization/slug`, or a bare `slug` whose organization is
+/// resolved when the rule is applied ([`RulePipeline::resolve`]).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct PipelineRef {
+pub struct RulePipeline {
     pub organization: Option<String>,
     pub slug: String,
 }
 
-impl PipelineRef {
-    pub fn parse(s: &str) -> Result<PipelineRef, String> {
+impl RulePipeline {
+    pub fn parse(s: &str) -> Result<RulePipeline, String> {
         let (org, slug) = match s.split_once('/') {
             Some((o, p)) => (Some(o), p),
             None => (None, s),
         };
         for part in org.into_iter().chain([slug]) {
-            if !is_slug(part) {
+            if !names::is_written_slug(part) {
                 return Err(format!(
                     "{s:?} is not a pipeline: write `organization/slug` or `slug` (letters, digits, `-` and `_`)"
                 ));
             }
         }
-        Ok(PipelineRef {
+        Ok(RulePipeline {
             organization: org.map(str::to_owned),
             slug: slug.to_owned(),
         })
@@ -200,9 +203,17 @@ impl PipelineRef {
     pub fn organization<'a>(&'a self, default: Option<&'a str>, fallback: &'a str) -> &'a str {
         self.organization.as_deref().or(default).unwrap_or(fallback)
     }
+
+    /// The pipeline with its organization resolved as [`RulePipeline::organization`] does.
+    pub fn resolve(&self, default: Option<&str>, fallback: &str) -> PipelineRef {
+        PipelineRef {
+            organization: self.organization(default, fallback).to_owned(),
+            pipeline: self.slug.clone(),
+        }
+    }
 }
 
-impl fmt::Display for PipelineRef {
+impl fmt::Display for RulePipeline {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.organization {
             Some(o) => write!(f, "{o}/{}", self.slug),
@@ -211,30 +222,7 @@ impl fmt::Display for PipelineRef {
     }
 }
 
-fn is_slug(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 100
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
-
-/// Rule names: 1 to 100 of letters, digits, `-`, `_` and `.`, starting with a letter or digit
-/// (they appear in URLs, store keys and build meta-data).
-pub fn validate_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 100
-        && name.as_bytes()[0].is_ascii_alphanumeric()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "{name:?} is not a rule name: use 1 to 100 letters, digits, `-`, `_` or `.`, starting with a letter or digit"
-        ))
-    }
-}
+pub use crate::names::validate_rule_name as validate_name;
 
 /// The variables rule conditions may use: [`Schema::trigger_rules`] plus `source.build.env("X")`
 /// (null when unset, like `build.env`).
@@ -252,20 +240,10 @@ pub fn schema() -> &'static Schema {
 pub struct Rule {
     pub name: String,
     pub document: RuleDocument,
-    pub source: PipelineRef,
-    pub target: PipelineRef,
+    pub source: RulePipeline,
+    pub target: RulePipeline,
     /// Compiled conditions, with their text; blank ones are `None` (always true).
     conditions: Vec<(String, Option<Expr>)>,
-}
-
-/// The target build a rule would create (the body of `POST .../builds`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct TriggerBuild {
-    pub commit: String,
-    pub branch: String,
-    pub message: String,
-    pub env: BTreeMap<String, String>,
-    pub meta_data: BTreeMap<String, String>,
 }
 
 /// What a rule decides for a build.
@@ -275,7 +253,8 @@ pub enum Decision {
     Trigger {
         organization: String,
         pipeline: String,
-        build: TriggerBuild,
+        /// The target build a rule would create.
+        build: CreateBuild,
     },
     /// Not this build, and why.
     Skip(String),
@@ -294,9 +273,9 @@ impl Rule {
             )));
         }
         let v = &document.value;
-        let source = PipelineRef::parse(&v.source_pipeline)
+        let source = RulePipeline::parse(&v.source_pipeline)
             .map_err(|m| doc_err(format!("source_pipeline: {m}")))?;
-        let target = PipelineRef::parse(&v.target_pipeline)
+        let target = RulePipeline::parse(&v.target_pipeline)
             .map_err(|m| doc_err(format!("target_pipeline: {m}")))?;
         let mut conditions = Vec::with_capacity(v.conditions.len());
         for (i, src) in v.conditions.iter().enumerate() {
@@ -424,13 +403,11 @@ impl Rule {
         meta_data.insert(META_RULE.to_owned(), self.name.clone());
         meta_data.insert(META_SOURCE_BUILD_ID.to_owned(), build.id.clone());
         meta_data.insert(META_SOURCE_BUILD.to_owned(), source.describe());
+        let target = self.target.resolve(default_org, source.organization);
         Ok(Decision::Trigger {
-            organization: self
-                .target
-                .organization(default_org, source.organization)
-                .to_owned(),
-            pipeline: self.target.slug.clone(),
-            build: TriggerBuild {
+            organization: target.organization,
+            pipeline: target.pipeline,
+            build: CreateBuild {
                 commit,
                 branch,
                 message,

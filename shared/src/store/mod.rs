@@ -38,18 +38,90 @@
 //! compare-and-set is a conditional write on `rev` (or on the item's absence). Items that expire
 //! carry `expires_at` (epoch seconds; the table's TTL attribute); reads ignore expired items, because
 //! DynamoDB deletes them lazily.
+//!
+//! # Files
+//!
+//! One file per trait (`cursor.rs`, `ledger.rs`, `firings.rs`, `idempotency.rs`, `releases.rs`,
+//! `rules.rs`), each with its records and its implementation on [`Store`]; `keys.rs` spells the
+//! key layout above and the TTLs, `encoding.rs` turns records into items and back, and `cas.rs`
+//! holds the one compare-and-set retry loop ([`cas_retry`]) every read-decide-write uses.
 
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+
+mod cas;
+mod cursor;
 mod dynamo;
+mod encoding;
+mod firings;
+mod idempotency;
+mod keys;
 mod kv;
-mod records;
+mod ledger;
+mod releases;
 mod rules;
 mod sqlite;
 
+pub use cas::{CAS_ATTEMPTS, Cas, cas_retry, retry_on_conflict};
+pub use cursor::CursorStore;
 pub use dynamo::DynamoKv;
+pub use encoding::{Page, Versioned};
+pub use firings::{Firing, FiringClaim, FiringStore};
+pub use idempotency::{IdempotencyBegin, IdempotencyStore, StoredResponse};
 pub use kv::{Cond, Item, Kv, MAX_BATCH, Order, Write};
-pub use records::*;
-pub use rules::*;
+pub use ledger::{
+    Begin, BuildSource, OutboxStats, PendingStatus, ReportedStatus, Standing, StatusLedger,
+    StatusRecord,
+};
+pub use releases::{ActiveDeployment, ReleaseStore};
+pub use rules::{PendingFiring, PendingFiringStore, RuleStore, StoredRule};
 pub use sqlite::SqliteKv;
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+/// Every store trait, over any [`Kv`] backend. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    kv: Arc<dyn Kv>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Store")
+    }
+}
+
+impl Store {
+    pub fn new(kv: impl Kv) -> Store {
+        Store { kv: Arc::new(kv) }
+    }
+
+    pub fn from_arc(kv: Arc<dyn Kv>) -> Store {
+        Store { kv }
+    }
+
+    pub fn kv(&self) -> &Arc<dyn Kv> {
+        &self.kv
+    }
+
+    /// Proves the store answers (health checks).
+    pub async fn ping(&self) -> Result<()> {
+        self.kv.ping().await
+    }
+
+    /// The record at (`pk`, `sk`) with the revision it was read at.
+    async fn get_doc<T: DeserializeOwned>(
+        &self,
+        pk: &str,
+        sk: &str,
+    ) -> Result<Option<Versioned<T>>> {
+        match self.kv.get(pk, sk).await? {
+            None => Ok(None),
+            Some(item) => encoding::decode(&item).map(Some),
+        }
+    }
+}
 
 /// A store failure, as callers must treat it.
 #[derive(Debug, Clone, thiserror::Error)]

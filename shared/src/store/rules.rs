@@ -10,14 +10,14 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::StoreError;
+use crate::buildkite::client::CreateBuild;
+
+use super::cas::{CAS_ATTEMPTS, Cas, cas_retry, retry_on_conflict};
+use super::encoding::{decode, over, put};
+use super::keys::{PENDING_FIRING_PK as PENDING_PK, RULE_PK, pending_firing_sk as pending_sk};
 use super::kv::{Cond, Order, Write};
-use super::records::{CAS_ATTEMPTS, Store, decode, over, put};
+use super::{Result, Store, StoreError};
 
-type Result<T> = std::result::Result<T, StoreError>;
-
-const RULE_PK: &str = "RULE";
-const PENDING_PK: &str = "RULEFIRING";
 /// Most rules or pending firings read in one listing (a partition page).
 const PAGE: usize = 1000;
 
@@ -51,8 +51,9 @@ pub struct PendingFiring {
     pub source: String,
     pub target_organization: String,
     pub target_pipeline: String,
-    /// The body of `POST .../builds`.
-    pub request: serde_json::Value,
+    /// The build to create. Stored as the JSON Buildkite receives (records written when this
+    /// was kept as an untyped JSON value have the same shape and read back the same).
+    pub request: CreateBuild,
     pub created_at: DateTime<Utc>,
     /// Set before the first request that may have reached Buildkite: from then on, a retry first
     /// looks for a build created since then carrying this firing's meta-data.
@@ -88,26 +89,17 @@ pub trait PendingFiringStore: Send + Sync {
     async fn due_pending(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<PendingFiring>>;
 }
 
-fn pending_sk(rule: &str, source_build: &str) -> String {
-    // Rule names cannot contain `#` (see `rules::validate_name`), so the key is unambiguous.
-    format!("{rule}#{source_build}")
-}
-
 #[async_trait]
 impl RuleStore for Store {
     async fn put_rule(&self, rule: &StoredRule) -> Result<bool> {
-        for _ in 0..CAS_ATTEMPTS {
+        cas_retry(CAS_ATTEMPTS, || async move {
             let current = self.kv().get(RULE_PK, &rule.name).await?;
             let existed = current.is_some();
             let (rev, cond) = over(current.map(|c| c.rev));
             let write = put(RULE_PK.into(), rule.name.clone(), rev, rule, None, cond)?;
-            match self.kv().write(vec![write]).await {
-                Ok(()) => return Ok(!existed),
-                Err(StoreError::Conflict) => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        Err(StoreError::Conflict)
+            retry_on_conflict(self.kv().write(vec![write]).await, !existed)
+        })
+        .await
     }
 
     async fn rule(&self, name: &str) -> Result<Option<StoredRule>> {
@@ -122,22 +114,18 @@ impl RuleStore for Store {
     }
 
     async fn delete_rule(&self, name: &str) -> Result<bool> {
-        for _ in 0..CAS_ATTEMPTS {
+        cas_retry(CAS_ATTEMPTS, || async move {
             let Some(current) = self.kv().get(RULE_PK, name).await? else {
-                return Ok(false);
+                return Ok(Cas::Done(false));
             };
             let delete = Write::Delete {
                 pk: RULE_PK.into(),
                 sk: name.into(),
                 cond: Cond::Rev(current.rev),
             };
-            match self.kv().write(vec![delete]).await {
-                Ok(()) => return Ok(true),
-                Err(StoreError::Conflict) => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        Err(StoreError::Conflict)
+            retry_on_conflict(self.kv().write(vec![delete]).await, true)
+        })
+        .await
     }
 }
 
@@ -149,10 +137,11 @@ impl Store {
         source_build: &str,
         change: impl Fn(&mut PendingFiring) + Send + Sync,
     ) -> Result<Option<PendingFiring>> {
-        let sk = pending_sk(rule, source_build);
-        for _ in 0..CAS_ATTEMPTS {
-            let Some(item) = self.kv().get(PENDING_PK, &sk).await? else {
-                return Ok(None);
+        let sk = &pending_sk(rule, source_build);
+        let change = &change;
+        cas_retry(CAS_ATTEMPTS, || async move {
+            let Some(item) = self.kv().get(PENDING_PK, sk).await? else {
+                return Ok(Cas::Done(None));
             };
             let mut current = decode::<PendingFiring>(&item)?;
             change(&mut current.value);
@@ -165,13 +154,9 @@ impl Store {
                 None,
                 cond,
             )?;
-            match self.kv().write(vec![write]).await {
-                Ok(()) => return Ok(Some(current.value)),
-                Err(StoreError::Conflict) => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        Err(StoreError::Conflict)
+            retry_on_conflict(self.kv().write(vec![write]).await, Some(current.value))
+        })
+        .await
     }
 }
 
@@ -267,5 +252,44 @@ async fn whole_partition<T: serde::de::DeserializeOwned>(
             return Ok(out);
         }
         after = items.last().map(|i| i.sk.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Item;
+
+    #[test]
+    fn a_pending_firing_written_with_an_untyped_request_reads_back() {
+        // As written when `request` was kept as a JSON value (a serialized TriggerBuild).
+        let doc = r#"{"rule":"deploy","source_build":"b1","source":"acme/web#1",
+            "target_organization":"acme","target_pipeline":"deploy",
+            "request":{"commit":"abc","branch":"main","message":"Deploy",
+                "env":{"X":"1"},"meta_data":{"kitebridge:rule":"deploy"}},
+            "created_at":"2026-03-01T12:00:00Z","attempted_at":null,"attempts":0,
+            "next_attempt_at":"2026-03-01T12:00:00Z","last_error":null}"#;
+        let item = Item {
+            pk: PENDING_PK.into(),
+            sk: pending_sk("deploy", "b1"),
+            rev: 1,
+            doc: doc.into(),
+            expires_at: None,
+        };
+        let firing = decode::<PendingFiring>(&item).unwrap().value;
+        assert_eq!(firing.request.commit, "abc");
+        assert_eq!(firing.request.env.get("X").map(String::as_str), Some("1"));
+        assert_eq!(
+            firing
+                .request
+                .meta_data
+                .get("kitebridge:rule")
+                .map(String::as_str),
+            Some("deploy")
+        );
+        // And it is written back in the same shape.
+        let again: serde_json::Value = serde_json::to_value(&firing).unwrap();
+        let before: serde_json::Value = serde_json::from_str(doc).unwrap();
+        assert_eq!(again, before);
     }
 }
