@@ -145,10 +145,10 @@ async fn every_described_operation_is_served_and_nothing_else() {
 #[tokio::test]
 async fn the_releases_route_table_is_described() {
     let spec = spec_operations();
-    for (method, path) in kitebridge::release::api::ROUTES {
+    for (method, path) in kitebridge::http::releases::ROUTES {
         assert!(
             spec.get(*path).is_some_and(|m| m.contains(*method)),
-            "{} {path} is served by release::api but not in openapi.yaml",
+            "{} {path} is served by http::releases but not in openapi.yaml",
             method.to_uppercase()
         );
     }

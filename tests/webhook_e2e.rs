@@ -19,9 +19,9 @@ use axum::body::Body;
 use axum::http::{Method, StatusCode, header};
 use chrono::Utc;
 use kitebridge::buildkite::model::{Build, Pipeline};
+use kitebridge::http::webhook::WebhookClock;
 use kitebridge::observe::{BuildObserver, ObserveError};
 use kitebridge::store::{SqliteKv, StatusLedger, Store};
-use kitebridge::webhook::WebhookClock;
 use kitebridge_fakes::{
     BuildState, Fault, WebhookAuth, WebhookDelivery, WebhookEvent, sign_webhook,
 };

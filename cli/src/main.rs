@@ -178,22 +178,35 @@ async fn bind(
 
 /// The self-hosted process on a bound listener: every HTTP route (webhook receiver, releases
 /// and rules APIs, `/healthz`) and, beside it, the poll loop. Returns once `shutdown` has
-/// resolved, the requests in flight have been answered and the poll loop has finished its
-/// cycle. `kitebridge serve` and `kitebridge sandbox` both run exactly this.
+/// resolved, the requests in flight have been answered (or `KITEBRIDGE_SHUTDOWN_TIMEOUT` has
+/// passed) and the poll loop has finished its cycle. `kitebridge serve` and `kitebridge
+/// sandbox` both run exactly this.
 async fn serve_on(
     listener: tokio::net::TcpListener,
     state: kitebridge::http::AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), kitebridge::Error> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let poll_loop = tokio::spawn(kitebridge::serve::poll_loop(state.clone(), stop_rx));
-    let served = axum::serve(listener, kitebridge::http::router(state))
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let poll_loop = match state.poller.clone() {
+        Some(poller) => Some(tokio::spawn(kitebridge::serve::poll_loop(
+            poller,
+            state.store.clone(),
+            state.config.monitor.polling_interval,
+            stop_rx,
+        ))),
+        None => {
+            tracing::warn!("poll loop not started: Buildkite or Bitbucket is not configured");
+            None
+        }
+    };
+    let limits = state.config.server.clone();
+    kitebridge::serve::serve(listener, kitebridge::http::router(state), &limits, shutdown).await;
     // Requests in flight are answered; let the poll loop finish its cycle, then return.
     let _ = stop_tx.send(true);
-    let _ = poll_loop.await;
-    served.map_err(|e| kitebridge::Error::Startup(format!("server: {e}")))
+    if let Some(poll_loop) = poll_loop {
+        let _ = poll_loop.await;
+    }
+    Ok(())
 }
 
 /// Resolves on Ctrl-C or SIGTERM. The handlers are installed when this is called (not when it

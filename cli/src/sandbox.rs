@@ -745,7 +745,7 @@ impl<'a> Story<'a> {
             .bk
             .webhook(ORG, pipeline, number, event, &auth)
             .ok_or_else(|| format!("no build #{number} on {ORG}/{pipeline}"))?;
-        let url = format!("{}{}", self.base, kitebridge::webhook::PATH);
+        let url = format!("{}{}", self.base, kitebridge::http::webhook::PATH);
         let (code, body) = deliver_webhook(&url, &delivery)
             .await
             .map_err(|e| format!("delivering {} failed: {e}", event.as_str()))?;
@@ -927,7 +927,7 @@ fn print_poke(base: &str, bk: &FakeBuildkite, bb: &FakeBitbucket, last_webhook: 
             "    curl -s -H 'X-Buildkite-Event: build.finished' -H 'X-Buildkite-Token: {WEBHOOK_TOKEN}' \
              -H 'Content-Type: application/json' --data-binary @{} {base}{}",
             file.display(),
-            kitebridge::webhook::PATH
+            kitebridge::http::webhook::PATH
         );
     }
     println!("  SIMULATED Bitbucket ({}), build #2's commit:", bb.url());

@@ -32,6 +32,17 @@ impl Secret {
     pub fn expose(&self) -> &str {
         self.0.expose_secret()
     }
+
+    /// Whether `presented` is this secret, compared in constant time: both sides are hashed
+    /// first, so neither the content nor the length of the secret shows in the timing. The one
+    /// comparison of every token kitebridge checks (webhook and API tokens).
+    pub fn matches(&self, presented: &str) -> bool {
+        use sha2::{Digest, Sha256};
+        use subtle::ConstantTimeEq;
+        let a = Sha256::digest(presented.as_bytes());
+        let b = Sha256::digest(self.expose().as_bytes());
+        bool::from(a.ct_eq(&b))
+    }
 }
 
 impl fmt::Debug for Secret {
@@ -169,6 +180,29 @@ pub struct Config {
     pub rules_file: Option<PathBuf>,
     /// How statuses reach Bitbucket: pace, health, when to give up.
     pub delivery: DeliveryConfig,
+    /// Limits of the HTTP server: timeouts, connections, shutdown.
+    pub server: ServerConfig,
+}
+
+/// Limits that keep slow or many clients from holding `kitebridge serve` (and, for the request
+/// layers, each Lambda invocation) without end.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// How long a connection may take to send a request's headers, counted from when the server
+    /// starts waiting for them, so it also closes a keep-alive connection left idle
+    /// (`KITEBRIDGE_SERVER_HEADER_TIMEOUT`, seconds).
+    pub header_timeout: Duration,
+    /// Longest a request may take from its headers to its answer, body included
+    /// (`KITEBRIDGE_SERVER_REQUEST_TIMEOUT`, seconds; then 503).
+    pub request_timeout: Duration,
+    /// Most connections open at once; more wait in the listen queue
+    /// (`KITEBRIDGE_SERVER_MAX_CONNECTIONS`).
+    pub max_connections: usize,
+    /// Most requests handled at once; more wait their turn (`KITEBRIDGE_SERVER_MAX_REQUESTS`).
+    pub max_requests: usize,
+    /// After SIGTERM or Ctrl-C, how long requests in flight may take to finish before the
+    /// remaining connections are dropped (`KITEBRIDGE_SHUTDOWN_TIMEOUT`, seconds).
+    pub shutdown_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -404,6 +438,26 @@ impl Config {
             rules_json: p.string("KITEBRIDGE_RULES"),
             rules_file: p.string("KITEBRIDGE_RULES_FILE").map(PathBuf::from),
             delivery,
+            server: ServerConfig {
+                header_timeout: Duration::from_secs(p.number(
+                    "KITEBRIDGE_SERVER_HEADER_TIMEOUT",
+                    10,
+                    1..=300,
+                )),
+                request_timeout: Duration::from_secs(p.number(
+                    "KITEBRIDGE_SERVER_REQUEST_TIMEOUT",
+                    60,
+                    1..=900,
+                )),
+                max_connections: p.number("KITEBRIDGE_SERVER_MAX_CONNECTIONS", 1024, 1..=65_536)
+                    as usize,
+                max_requests: p.number("KITEBRIDGE_SERVER_MAX_REQUESTS", 256, 1..=65_536) as usize,
+                shutdown_timeout: Duration::from_secs(p.number(
+                    "KITEBRIDGE_SHUTDOWN_TIMEOUT",
+                    20,
+                    1..=600,
+                )),
+            },
         };
         if p.errors.is_empty() {
             Ok(config)
@@ -1033,6 +1087,35 @@ mod tests {
         let err = c.require(Role::Releases).unwrap_err();
         let vars: Vec<&str> = err.0.iter().map(|e| e.variable).collect();
         assert_eq!(vars, vec!["BUILDKITE_API_TOKEN", "KITEBRIDGE_API_TOKEN"]);
+    }
+
+    #[test]
+    fn server_limits_have_defaults_and_bounds() {
+        let c = config(&[]).unwrap();
+        assert_eq!(c.server.header_timeout, Duration::from_secs(10));
+        assert_eq!(c.server.request_timeout, Duration::from_secs(60));
+        assert_eq!(c.server.max_connections, 1024);
+        assert_eq!(c.server.max_requests, 256);
+        assert_eq!(c.server.shutdown_timeout, Duration::from_secs(20));
+        let c = config(&[
+            ("KITEBRIDGE_SERVER_HEADER_TIMEOUT", "2"),
+            ("KITEBRIDGE_SHUTDOWN_TIMEOUT", "5"),
+            ("KITEBRIDGE_SERVER_MAX_CONNECTIONS", "200"),
+        ])
+        .unwrap();
+        assert_eq!(c.server.header_timeout, Duration::from_secs(2));
+        assert_eq!(c.server.shutdown_timeout, Duration::from_secs(5));
+        assert_eq!(c.server.max_connections, 200);
+        for (name, bad) in [
+            ("KITEBRIDGE_SERVER_HEADER_TIMEOUT", "0"),
+            ("KITEBRIDGE_SERVER_REQUEST_TIMEOUT", "soon"),
+            ("KITEBRIDGE_SERVER_MAX_CONNECTIONS", "0"),
+            ("KITEBRIDGE_SERVER_MAX_REQUESTS", "-1"),
+            ("KITEBRIDGE_SHUTDOWN_TIMEOUT", "601"),
+        ] {
+            let e = config(&[(name, bad)]).unwrap_err().to_string();
+            assert!(e.contains(name), "{name}={bad}: {e}");
+        }
     }
 
     #[test]

@@ -15,9 +15,9 @@
 //!   [`update`]: compare-and-set updates of one candidate or deployment.
 //! - [`sweep`]: [`sweep_stuck`] for the poll cycle.
 //! - [`tracker`]: the build observer that moves candidates and deployments from build states.
-//! - [`api`]: the HTTP routes.
+//!
+//! The HTTP routes are `http::releases`.
 
-pub mod api;
 pub mod build;
 pub mod decide;
 pub mod error;

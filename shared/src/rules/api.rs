@@ -1,195 +1,151 @@
-//! The rules API, beside the releases API and behind the same bearer token:
+//! What the rules API does, without HTTP (the routes are `http::rules`): the rules in force,
+//! configured (`"origin": "config"`) and stored (`"origin": "store"`), and changes to the
+//! stored ones. Configured rules cannot be replaced or deleted here: change the configuration
+//! instead.
 //!
-//! - `PUT /rules/{name}`: body is a rule document (`{"rule", "value"}`); validated first (422
-//!   with the rule's name and the error when it does not validate); 201 when created, 200 when
-//!   replaced.
-//! - `GET /rules`: every rule in force, configured (`"origin": "config"`) and stored
-//!   (`"origin": "store"`).
-//! - `GET /rules/{name}`, `DELETE /rules/{name}` (204). Configured rules cannot be replaced or
-//!   deleted here (409): change the configuration instead.
+//! The configured rules are the ones loaded and validated at start-up (the same list the
+//! [`super::fire::RuleFirer`] fires), so the API never shows rules that are not the ones firing,
+//! even when `KITEBRIDGE_RULES_FILE` changes on disk afterwards.
 
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use std::sync::Arc;
+
 use chrono::Utc;
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::{Map, Value};
 
-use super::{Rule, config_rules, validate_name};
-use crate::http::{AppState, error_response};
-use crate::store::{RuleStore, StoreError, StoredRule};
+use super::{Rule, RuleError, validate_name};
+use crate::store::{RuleStore, Store, StoreError, StoredRule};
 
-/// The routes, to merge into [`crate::http::router`].
-pub fn routes() -> Router<AppState> {
-    Router::new().route("/rules", get(list)).route(
-        "/rules/{name}",
-        get(get_one).put(put_one).delete(delete_one),
-    )
+/// Why a rules API operation was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    /// The name in the path is not a rule name.
+    #[error("{0}")]
+    InvalidName(String),
+    #[error("no rule named {0:?}")]
+    NotFound(String),
+    /// The rule is configured (`KITEBRIDGE_RULES` / `KITEBRIDGE_RULES_FILE`); `action` is what
+    /// the caller tried (`change`, `remove`).
+    #[error("rule {name:?} is defined in the configuration; {action} it there")]
+    Configured { name: String, action: &'static str },
+    /// The document does not validate.
+    #[error(transparent)]
+    Invalid(RuleError),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
 }
 
-/// The API's authentication, the same as the releases API's (bearer token, or IAM on AWS).
-// The error is the answer to send; boxing it buys nothing.
-#[allow(clippy::result_large_err)]
-pub fn require_bearer(state: &AppState, headers: &HeaderMap) -> Result<(), Response> {
-    crate::release::api::authorize(state, headers)
+/// One rule as the API shows it: its name, where it comes from, and its document's fields.
+#[derive(Debug, Clone, Serialize)]
+pub struct RuleView {
+    pub name: String,
+    pub origin: Origin,
+    #[serde(flatten)]
+    pub document: Map<String, Value>,
 }
 
-fn store_failed(e: &StoreError) -> Response {
-    tracing::warn!(error = %e, "rules API: store failed");
-    error_response(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "store_unavailable",
-        "the store is unavailable; try again",
-    )
+/// Where a rule in force comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    Config,
+    Store,
 }
 
-fn configured(state: &AppState) -> Vec<Rule> {
-    // Validated at start-up; a file changed since then is read again and, if broken, the
-    // configured rules are shown as none rather than failing the API.
-    config_rules(&state.config).unwrap_or_else(|e| {
-        tracing::warn!(error = %e, "configured rules cannot be read");
-        Vec::new()
-    })
-}
-
-fn view(name: &str, origin: &str, document: &Value) -> Value {
-    let mut v = json!({"name": name, "origin": origin});
-    if let (Some(obj), Some(doc)) = (v.as_object_mut(), document.as_object()) {
-        for (k, x) in doc {
-            obj.insert(k.clone(), x.clone());
+impl RuleView {
+    fn new(name: &str, origin: Origin, document: &Value) -> RuleView {
+        RuleView {
+            name: name.to_owned(),
+            origin,
+            document: document.as_object().cloned().unwrap_or_default(),
         }
     }
-    v
+
+    fn configured(rule: &Rule) -> RuleView {
+        RuleView::new(&rule.name, Origin::Config, &document_json(rule))
+    }
 }
 
 fn document_json(rule: &Rule) -> Value {
     serde_json::to_value(&rule.document).unwrap_or(Value::Null)
 }
 
-async fn list(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    if let Err(r) = require_bearer(&state, &headers) {
-        return r;
-    }
-    let mut rules: Vec<Value> = configured(&state)
-        .iter()
-        .map(|r| view(&r.name, "config", &document_json(r)))
-        .collect();
-    match state.store.rules().await {
-        Ok(stored) => rules.extend(stored.iter().map(|s| view(&s.name, "store", &s.document))),
-        Err(e) => return store_failed(&e),
-    }
-    Json(json!({ "rules": rules })).into_response()
+/// The rules API's operations over the configured rules and the store.
+#[derive(Clone)]
+pub struct RuleCatalog {
+    configured: Arc<Vec<Rule>>,
+    store: Store,
 }
 
-async fn get_one(
-    State(state): State<AppState>,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    if let Err(r) = require_bearer(&state, &headers) {
-        return r;
+impl RuleCatalog {
+    /// `configured` is the list loaded at start-up (validated, shared with the firer).
+    pub fn new(configured: Arc<Vec<Rule>>, store: Store) -> RuleCatalog {
+        RuleCatalog { configured, store }
     }
-    if let Some(r) = configured(&state).iter().find(|r| r.name == name) {
-        return Json(view(&r.name, "config", &document_json(r))).into_response();
-    }
-    match state.store.rule(&name).await {
-        Ok(Some(s)) => Json(view(&s.name, "store", &s.document)).into_response(),
-        Ok(None) => error_response(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no rule named {name:?}"),
-        ),
-        Err(e) => store_failed(&e),
-    }
-}
 
-async fn put_one(
-    State(state): State<AppState>,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-    body: Result<Json<Value>, JsonRejection>,
-) -> Response {
-    if let Err(r) = require_bearer(&state, &headers) {
-        return r;
+    fn configured(&self, name: &str) -> Option<&Rule> {
+        self.configured.iter().find(|r| r.name == name)
     }
-    if let Err(m) = validate_name(&name) {
-        return error_response(StatusCode::BAD_REQUEST, "invalid_name", m);
-    }
-    let Json(document) = match body {
-        Ok(b) => b,
-        Err(e) => {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                "invalid_json",
-                format!("the body must be a JSON rule document: {}", e.body_text()),
-            );
-        }
-    };
-    if configured(&state).iter().any(|r| r.name == name) {
-        return error_response(
-            StatusCode::CONFLICT,
-            "configured_rule",
-            format!("rule {name:?} is defined in the configuration; change it there"),
+
+    /// Every rule in force: the configured ones, then the stored ones.
+    pub async fn list(&self) -> Result<Vec<RuleView>, CatalogError> {
+        let mut rules: Vec<RuleView> = self.configured.iter().map(RuleView::configured).collect();
+        let stored = self.store.rules().await?;
+        rules.extend(
+            stored
+                .iter()
+                .map(|s| RuleView::new(&s.name, Origin::Store, &s.document)),
         );
+        Ok(rules)
     }
-    let rule = match Rule::from_json(&name, document) {
-        Ok(r) => r,
-        Err(e) => {
-            return (
-                StatusCode::UNPROCESSABLE_ENTITY,
-                Json(json!({
-                    "error": "invalid_rule",
-                    "message": e.to_string(),
-                    "rule": e.rule,
-                    "kind": e.kind,
-                })),
-            )
-                .into_response();
-        }
-    };
-    let document = document_json(&rule);
-    let stored = StoredRule {
-        name: name.clone(),
-        document: document.clone(),
-        updated_at: Utc::now(),
-    };
-    match state.store.put_rule(&stored).await {
-        Ok(created) => {
-            let status = if created {
-                StatusCode::CREATED
-            } else {
-                StatusCode::OK
-            };
-            (status, Json(view(&name, "store", &document))).into_response()
-        }
-        Err(e) => store_failed(&e),
-    }
-}
 
-async fn delete_one(
-    State(state): State<AppState>,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    if let Err(r) = require_bearer(&state, &headers) {
-        return r;
+    pub async fn get(&self, name: &str) -> Result<RuleView, CatalogError> {
+        if let Some(r) = self.configured(name) {
+            return Ok(RuleView::configured(r));
+        }
+        match self.store.rule(name).await? {
+            Some(s) => Ok(RuleView::new(&s.name, Origin::Store, &s.document)),
+            None => Err(CatalogError::NotFound(name.to_owned())),
+        }
     }
-    if configured(&state).iter().any(|r| r.name == name) {
-        return error_response(
-            StatusCode::CONFLICT,
-            "configured_rule",
-            format!("rule {name:?} is defined in the configuration; remove it there"),
-        );
+
+    /// Checks a name before anything else is looked at.
+    pub fn check_name(name: &str) -> Result<(), CatalogError> {
+        validate_name(name).map_err(CatalogError::InvalidName)
     }
-    match state.store.delete_rule(&name).await {
-        Ok(true) => StatusCode::NO_CONTENT.into_response(),
-        Ok(false) => error_response(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no rule named {name:?}"),
-        ),
-        Err(e) => store_failed(&e),
+
+    /// Validates `document` and stores it as rule `name`; `true` when it was created (not
+    /// replaced).
+    pub async fn put(&self, name: &str, document: Value) -> Result<(RuleView, bool), CatalogError> {
+        Self::check_name(name)?;
+        if self.configured(name).is_some() {
+            return Err(CatalogError::Configured {
+                name: name.to_owned(),
+                action: "change",
+            });
+        }
+        let rule = Rule::from_json(name, document).map_err(CatalogError::Invalid)?;
+        let document = document_json(&rule);
+        let stored = StoredRule {
+            name: name.to_owned(),
+            document: document.clone(),
+            updated_at: Utc::now(),
+        };
+        let created = self.store.put_rule(&stored).await?;
+        Ok((RuleView::new(name, Origin::Store, &document), created))
+    }
+
+    pub async fn delete(&self, name: &str) -> Result<(), CatalogError> {
+        if self.configured(name).is_some() {
+            return Err(CatalogError::Configured {
+                name: name.to_owned(),
+                action: "remove",
+            });
+        }
+        if self.store.delete_rule(name).await? {
+            Ok(())
+        } else {
+            Err(CatalogError::NotFound(name.to_owned()))
+        }
     }
 }
