@@ -74,7 +74,7 @@ fn firer(bk: &FakeBuildkite, store: &Store, rules: Vec<Rule>) -> RuleFirer {
     RuleFirer::new(
         Arc::new(store.clone()),
         Some(client),
-        rules,
+        Arc::new(rules),
         Some(ORG.to_owned()),
     )
 }
@@ -454,9 +454,22 @@ fn invalid_rules_are_refused_at_load_with_their_name() {
         e.contains("KITEBRIDGE_RULES_FILE") && e.contains("lookbehind"),
         "{e}"
     );
-    let store = sqlite();
-    let http = kitebridge::net::client(Duration::from_secs(1)).unwrap();
-    assert!(RuleFirer::from_config(&config, http, store).is_err());
+    assert!(kitebridge::bootstrap::app_state(config, sqlite()).is_err());
+
+    // Valid configured rules with no Buildkite token to fire them do not start either.
+    let good = json!({"good": rules["good"].clone()});
+    std::fs::write(&file, good.to_string()).unwrap();
+    let config = kitebridge::config::Config::from_lookup(|name| match name {
+        "KITEBRIDGE_RULES_FILE" => Some(file.display().to_string()),
+        _ => None,
+    })
+    .unwrap();
+    assert_eq!(rules::config_rules(&config).unwrap().len(), 1);
+    let e = kitebridge::bootstrap::app_state(config, sqlite())
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(e.contains("BUILDKITE_API_TOKEN"), "{e}");
     let _ = std::fs::remove_file(file);
 }
 

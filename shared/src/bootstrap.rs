@@ -143,32 +143,19 @@ pub fn app_state(config: Config, store: Store) -> Result<AppState, Error> {
     // rules API shows it, whatever happens to KITEBRIDGE_RULES_FILE afterwards.
     let rules =
         Arc::new(crate::rules::config_rules(&config).map_err(|e| Error::Startup(e.to_string()))?);
-    let rule_client = config.buildkite.token.clone().map(|token| {
-        crate::buildkite::client::BuildkiteClient::new(
-            http.clone(),
-            config.buildkite.api_url.clone(),
-            token,
-        )
-    });
-    if rule_client.is_none() && !rules.is_empty() {
-        return Err(Error::Startup(
-            "BUILDKITE_API_TOKEN: required to fire the trigger rules of KITEBRIDGE_RULES / \
-             KITEBRIDGE_RULES_FILE"
-                .into(),
-        ));
-    }
+    let firer = crate::rules::fire::RuleFirer::from_config(
+        &config,
+        http.clone(),
+        store.clone(),
+        rules.clone(),
+    )?;
     // Release tracking and trigger rules register here.
     let observers: Vec<Arc<dyn BuildObserver>> = vec![
         Arc::new(crate::release::tracker::ReleaseTracker::new(
             Arc::new(store.clone()),
             config.deployment_timeout,
         )),
-        Arc::new(crate::rules::fire::RuleFirer::new(
-            Arc::new(store.clone()),
-            rule_client,
-            rules.as_ref().clone(),
-            crate::rules::default_organization(&config),
-        )),
+        Arc::new(firer),
     ];
     let poller = match (&bitbucket, poll_reporter) {
         (Some(b), Some(reporter)) => Poller::from_config(

@@ -118,13 +118,13 @@ impl RuleFirer {
     pub fn new(
         store: Arc<dyn RulesBackend>,
         buildkite: Option<BuildkiteClient>,
-        config_rules: Vec<Rule>,
+        config_rules: Arc<Vec<Rule>>,
         default_org: Option<String>,
     ) -> Self {
         Self {
             store,
             buildkite,
-            config_rules: Arc::new(config_rules),
+            config_rules,
             default_org,
             last_sweep: AtomicI64::new(0),
             lease: CLAIM_LEASE,
@@ -138,15 +138,15 @@ impl RuleFirer {
         self
     }
 
-    /// The firer of a deployment: the configured rules (refused at start-up, with each rule's
-    /// name and error, if any does not validate), the store's, and a Buildkite client.
+    /// The firer of a deployment: `rules`, the configured rules as start-up read and validated
+    /// them once ([`super::config_rules`]; the rules API shows the same list), the store's, and
+    /// a Buildkite client. Configured rules without `BUILDKITE_API_TOKEN` refuse to start.
     pub fn from_config(
         config: &Config,
         http: reqwest::Client,
         store: Store,
-    ) -> Result<Arc<dyn BuildObserver>, crate::Error> {
-        let rules =
-            super::config_rules(config).map_err(|e| crate::Error::Startup(e.to_string()))?;
+        rules: Arc<Vec<Rule>>,
+    ) -> Result<Self, crate::Error> {
         let client = config
             .buildkite
             .token
@@ -158,12 +158,12 @@ impl RuleFirer {
                     .into(),
             ));
         }
-        Ok(Arc::new(RuleFirer::new(
+        Ok(RuleFirer::new(
             Arc::new(store),
             client,
             rules,
             super::default_organization(config),
-        )))
+        ))
     }
 
     /// Every rule in force: configuration's, then the store's (a stored rule that no longer
