@@ -9,7 +9,7 @@
 //!   rather than under a wave of posts sent together; what that burst got through is the
 //!   server's size (less what it refilled meanwhile). After the wait, the rate starts from what
 //!   the burst and wait allow and doubles each second until the next 429; from the two moments
-//!   the bucket was empty the pacer takes the refill rate ([`refill_lower_bound`]) and keeps just
+//!   the bucket was empty the pacer takes the refill rate (`refill_lower_bound`) and keeps just
 //!   under it (a further 429 takes 5% off; each quiet second adds 0.5%). Every wait a server asks
 //!   for is honoured, capped at [`MAX_SERVER_WAIT`].
 //! - **Availability.** A 5xx, a timeout or a refused connection marks the destination down for

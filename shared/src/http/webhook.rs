@@ -1,7 +1,7 @@
 //! The Buildkite webhook receiver: `POST /webhooks/buildkite`, one handler for the Lambda
 //! function (`functions/webhook`, through `lambda_http`) and `kitebridge serve`.
 //!
-//! A delivery walks: size limit (a layer, [`super::body_limit`]) -> [`verify`] over the raw
+//! A delivery walks: size limit (a layer, `with_body_limit` in [`super`]) -> [`verify`] over the raw
 //! bytes -> [`Event::parse`] -> for `build.*`, [`Delivery::build_event`] (the status, then the
 //! observers). This module turns their outcomes into answers:
 //!

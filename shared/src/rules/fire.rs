@@ -33,7 +33,7 @@
 //! keeps its claim until it lapses, so a request of it that Buildkite applies late has that
 //! margin to land before the next attempt looks for it.
 //!
-//! [`find_build`] and [`create_or_find`] carry this discipline for the releases API too.
+//! `find_build` and `create_or_find` carry this discipline for the releases API too.
 //!
 //! Failed attempts are retried by [`RuleFirer::retry_pending`] (call it from the poll cycle), by
 //! a redelivery or new sighting of the source build, and opportunistically at most once a minute
