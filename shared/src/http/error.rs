@@ -14,7 +14,7 @@ use crate::buildkite::model::PayloadError;
 use crate::buildkite::webhook::VerifyError;
 use crate::release::ReleaseError;
 use crate::rules::RuleError;
-use crate::rules::api::CatalogError;
+use crate::rules::catalog::CatalogError;
 
 /// Why a request was not answered with success.
 #[derive(Debug, thiserror::Error)]

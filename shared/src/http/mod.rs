@@ -45,7 +45,7 @@ use crate::poll::Poller;
 use crate::release::ReleaseService;
 use crate::report::Reporter;
 use crate::rules::Rule;
-use crate::rules::api::RuleCatalog;
+use crate::rules::catalog::RuleCatalog;
 use crate::store::Store;
 
 /// Largest body of an API request (releases, rules): axum's own default, kept.

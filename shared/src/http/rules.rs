@@ -19,7 +19,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::{ApiError, Auth, Authorized};
-use crate::rules::api::{RuleCatalog, RuleView};
+use crate::rules::catalog::{RuleCatalog, RuleView};
 
 /// What the rules API's handlers share.
 #[derive(Clone)]

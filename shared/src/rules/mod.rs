@@ -20,10 +20,10 @@
 //!   over the source build's environment ([`vars::environment`]).
 //!
 //! Where rules come from: `KITEBRIDGE_RULES` (JSON), `KITEBRIDGE_RULES_FILE` (a JSON file), and
-//! the store ([`api`]). A rule that does not validate is refused with its name and the error.
+//! the store ([`catalog`]). A rule that does not validate is refused with its name and the error.
 //! Firing (once per rule and source build) is in [`fire`].
 
-pub mod api;
+pub mod catalog;
 pub mod fire;
 pub mod vars;
 
