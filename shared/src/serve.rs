@@ -50,7 +50,14 @@ pub async fn serve(
         };
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => stream,
+                Ok((stream, _peer)) => {
+                    // Answers are small and written whole: send them at once rather than
+                    // wait for the client's ACK of the previous segment (Nagle).
+                    if let Err(e) = stream.set_nodelay(true) {
+                        tracing::debug!(error = %e, "TCP_NODELAY not set");
+                    }
+                    stream
+                }
                 Err(e) => {
                     // Out of file descriptors and the like: wait a moment instead of spinning.
                     tracing::warn!(error = %e, "accepting a connection failed");
