@@ -539,6 +539,17 @@ async fn versions_candidates_and_listing() {
         .collect();
     assert_eq!(names, ["0.1.0"]);
     assert_eq!(p2.body["next_cursor"], Value::Null);
+    // A cursor is the id of the page's last item; any id is a place to continue from.
+    assert_eq!(cursor, s(&p1.body["items"][2]["cut_id"]));
+    let any = h
+        .call(
+            "GET",
+            "/projects/web/releases?cursor=00000000000000000000000000",
+            None,
+        )
+        .await;
+    assert_eq!(any.status, StatusCode::OK);
+    assert_eq!(any.body["items"], json!([]));
 
     // Calver, and a project without a build pipeline: built at once, nothing sent to Buildkite.
     let before = h.created_builds();
@@ -573,6 +584,18 @@ async fn versions_candidates_and_listing() {
             "POST",
             "/projects/cal/releases",
             Some(json!({"commit": SHA, "branch": "main", "version": "1.0.0"})),
+        )
+        .await;
+    // A semver version is a version (the spec's form), just not of this project's scheme: 422.
+    assert_eq!(
+        (bad.status, s(&bad.body["field"])),
+        (StatusCode::UNPROCESSABLE_ENTITY, "version")
+    );
+    let bad = h
+        .call(
+            "POST",
+            "/projects/cal/releases",
+            Some(json!({"commit": SHA, "branch": "main", "version": "v1"})),
         )
         .await;
     assert_eq!(
@@ -820,8 +843,15 @@ async fn bad_requests_name_the_field_and_missing_things_are_404() {
             "PUT",
             "/projects/x",
             Some(json!({"environments": [{"name": "a", "requires": "b"}]})),
-            StatusCode::BAD_REQUEST,
+            StatusCode::UNPROCESSABLE_ENTITY,
             "environments[0].requires",
+        ),
+        (
+            "PUT",
+            "/projects/x",
+            Some(json!({"build_pipeline": ["acme", "web"]})),
+            StatusCode::BAD_REQUEST,
+            "build_pipeline",
         ),
         (
             "PUT",

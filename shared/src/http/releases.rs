@@ -216,17 +216,8 @@ fn paging(q: &HashMap<String, String>) -> Result<Paging, ApiError> {
             }
         },
     };
-    // Cursors are opaque to callers: hex, so they need no escaping in a query string.
-    let cursor = match q.get("cursor").filter(|c| !c.is_empty()) {
-        None => None,
-        Some(c) => Some(
-            hex::decode(c)
-                .ok()
-                .filter(|b| b.len() <= 300)
-                .and_then(|b| String::from_utf8(b).ok())
-                .ok_or_else(|| ApiError::invalid("cursor", "not a cursor of this listing"))?,
-        ),
-    };
+    // Each listing checks its own cursor's form (the service); empty means the first page.
+    let cursor = q.get("cursor").filter(|c| !c.is_empty()).cloned();
     Ok(Paging { cursor, per_page })
 }
 
@@ -240,7 +231,7 @@ impl<T> From<crate::store::Page<T>> for Listing<T> {
     fn from(page: crate::store::Page<T>) -> Self {
         Listing {
             items: page.items,
-            next_cursor: page.next.map(hex::encode),
+            next_cursor: page.next,
         }
     }
 }

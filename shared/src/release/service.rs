@@ -183,8 +183,15 @@ impl ReleaseService {
         let commit = validate_commit(&req.commit)?;
         validate_branch(&req.branch)?;
         if let Some(v) = &req.version {
-            version::validate(project.version_scheme, v)
-                .map_err(|m| ReleaseError::invalid("version", m))?;
+            version::validate(project.version_scheme, v).map_err(|m| {
+                // A version of either scheme's form is well formed; whether it fits this
+                // project's scheme (or is a real date) is a fact about the project: 422.
+                if version::has_form(v) {
+                    ReleaseError::unprocessable("version", m)
+                } else {
+                    ReleaseError::invalid("version", m)
+                }
+            })?;
         }
         if project.build_pipeline.is_some() {
             self.buildkite()?;
@@ -414,15 +421,14 @@ impl ReleaseService {
         limit: usize,
     ) -> Result<Page<Release>> {
         self.project(project).await?;
-        if let Some(c) = cursor
-            && !c.starts_with("RELEASES#")
-        {
-            return Err(ReleaseError::invalid(
-                "cursor",
-                "not a cursor of this listing",
-            ));
-        }
-        Ok(self.store.list_releases(project, cursor, limit).await?)
+        let after = cursor
+            .map(|c| id_cursor(c).map(|id| format!("RELEASES#{id}")))
+            .transpose()?;
+        let page = self
+            .store
+            .list_releases(project, after.as_deref(), limit)
+            .await?;
+        Ok(next_as_id(page, "RELEASES#"))
     }
 
     /// A release and its candidates (oldest first).
@@ -511,18 +517,16 @@ impl ReleaseService {
     ) -> Result<Page<Deployment>> {
         let p = self.project(project).await?;
         Self::environment_of(&p, environment)?;
-        if let Some(c) = cursor
-            && !c.starts_with(&format!("DEPLOYMENT#{environment}#"))
-        {
-            return Err(ReleaseError::invalid(
-                "cursor",
-                "not a cursor of this listing",
-            ));
-        }
-        let page = self
-            .store
-            .list_deployments(project, environment, cursor, limit)
-            .await?;
+        let prefix = format!("DEPLOYMENT#{environment}#");
+        let after = cursor
+            .map(|c| id_cursor(c).map(|id| format!("{prefix}{id}")))
+            .transpose()?;
+        let page = next_as_id(
+            self.store
+                .list_deployments(project, environment, after.as_deref(), limit)
+                .await?,
+            &prefix,
+        );
         let mut items = Vec::with_capacity(page.items.len());
         for d in page.items {
             items.push(self.fresh(d).await?.answered());
@@ -949,5 +953,28 @@ impl ReleaseService {
             resumed,
         )
         .await
+    }
+}
+
+/// A listing's `cursor`: the id (a ULID) of the previous page's last item, which the listing
+/// continues after. Any ULID is a cursor (one that names no item starts after where it would be).
+fn id_cursor(c: &str) -> Result<String> {
+    ulid::Ulid::from_string(c)
+        .map(|u| u.to_string())
+        .map_err(|_| {
+            ReleaseError::invalid(
+                "cursor",
+                "not a cursor of this listing (the `next_cursor` of its previous page)",
+            )
+        })
+}
+
+/// The store's page with its continuation as the last item's id (the sort key after `prefix`).
+fn next_as_id<T>(page: Page<T>, prefix: &str) -> Page<T> {
+    Page {
+        next: page
+            .next
+            .map(|sk| sk.strip_prefix(prefix).map(str::to_owned).unwrap_or(sk)),
+        items: page.items,
     }
 }
