@@ -67,8 +67,11 @@ macro_rules! routes {
 }
 
 routes! {
+    get "/projects" => list_projects,
     put "/projects/{project}" => put_project,
     get "/projects/{project}" => get_project,
+    delete "/projects/{project}" => delete_project,
+    get "/projects/{project}/overview" => overview,
     post "/projects/{project}/releases" => cut,
     get "/projects/{project}/releases" => list_releases,
     get "/projects/{project}/releases/{version}" => get_release,
@@ -248,6 +251,39 @@ async fn put_project(
     let spec: ProjectSpec = parse(&body)?;
     let (p, created) = state.service.put_project(&project, spec).await?;
     Ok(Json(created_or_ok(created), p))
+}
+
+async fn list_projects(
+    _: Authorized,
+    State(state): State<ReleasesState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Answer<Listing<crate::release::model::Project>> {
+    let p = paging(&q)?;
+    let page = state
+        .service
+        .list_projects(p.cursor.as_deref(), p.per_page)
+        .await?;
+    Ok(Json(StatusCode::OK, page.into()))
+}
+
+async fn delete_project(
+    _: Authorized,
+    State(state): State<ReleasesState>,
+    Path(project): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    state.service.delete_project(&project).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn overview(
+    _: Authorized,
+    State(state): State<ReleasesState>,
+    Path(project): Path<String>,
+) -> Answer<crate::release::service::Overview> {
+    Ok(Json(
+        StatusCode::OK,
+        state.service.overview(&project).await?,
+    ))
 }
 
 async fn get_project(
@@ -479,7 +515,7 @@ mod tests {
     fn route_table_uses_known_methods() {
         for (m, p) in ROUTES {
             assert!(method_of(m).is_some(), "{m}");
-            assert!(p.starts_with("/projects/"), "{p}");
+            assert!(p.starts_with("/projects"), "{p}");
         }
     }
 }
