@@ -951,7 +951,7 @@ async fn bad_requests_name_the_field_and_missing_things_are_404() {
     }
     let a = h.call("GET", "/nowhere", None).await;
     assert_eq!(a.status, StatusCode::NOT_FOUND);
-    let a = h.call("DELETE", "/projects/web", None).await;
+    let a = h.call("PATCH", "/projects/web", None).await;
     assert_eq!(a.status, StatusCode::METHOD_NOT_ALLOWED);
 }
 
