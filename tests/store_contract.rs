@@ -65,6 +65,7 @@ contract!(
     idempotency_replays_the_first_answer,
     releases_projects_and_versions,
     projects_listed_and_deleted,
+    recent_rings_are_bounded_newest_first,
     releases_version_race_exactly_one_wins,
     releases_candidate_race_exactly_one_wins,
     deployments_one_active_per_environment,
@@ -859,6 +860,35 @@ fn candidate(project: &str, version: &str, number: u32, cut_id: &str) -> Candida
         created_at: Utc::now(),
         updated_at: Utc::now(),
     }
+}
+
+async fn recent_rings_are_bounded_newest_first(kv: Kv) {
+    use kitebridge::store::{Ring, StatusLedger};
+    let store = Store::from_arc(kv);
+    assert!(store.recent(Ring::Refused).await.unwrap().is_empty());
+    for i in 0..3 {
+        store
+            .note_recent(Ring::Refused, serde_json::json!({"n": i}))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    let got = store.recent(Ring::Refused).await.unwrap();
+    let ns: Vec<_> = got.iter().map(|v| v["n"].clone()).collect();
+    assert_eq!(ns, [2, 1, 0]);
+    assert!(got[0]["at"].is_string());
+    // Other rings are apart; a ring never holds more than its size.
+    assert!(store.recent(Ring::Posted).await.unwrap().is_empty());
+    for i in 0..(Ring::PollCycles.size() + 5) {
+        store
+            .note_recent(Ring::PollCycles, serde_json::json!({"n": i}))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let cycles = store.recent(Ring::PollCycles).await.unwrap();
+    assert!(cycles.len() <= Ring::PollCycles.size());
+    assert_eq!(cycles[0]["n"], Ring::PollCycles.size() + 4);
 }
 
 async fn projects_listed_and_deleted(kv: Kv) {

@@ -153,6 +153,33 @@ async fn serve_answers_polls_and_stops_on_sigterm() {
     assert_eq!(health["status"], "ok");
     assert!(health["last_successful_poll"].is_string(), "{health}");
 
+    // The operator view: the cycle's summary, the status posted, an empty outbox; token only.
+    let client = reqwest::Client::new();
+    let refused = client.get(format!("{base}/operator")).send().await.unwrap();
+    assert_eq!(refused.status().as_u16(), 401);
+    let op: serde_json::Value = client
+        .get(format!("{base}/operator"))
+        .bearer_auth("api")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let cycle = &op["poll_cycles"][0];
+    assert_eq!(cycle["ok"], true, "{op}");
+    assert!(cycle["at"].is_string() && cycle["summary"]["builds_seen"].as_u64() >= Some(1));
+    let posted = op["recent_posted"].as_array().unwrap();
+    assert!(
+        posted
+            .iter()
+            .any(|p| p["commit"] == sha(7).as_str() && p["state"] == "FAILED"),
+        "{op}"
+    );
+    assert_eq!(op["outbox"]["depth"], 0, "{op}");
+    assert_eq!(op["outbox"]["oldest_age_seconds"], serde_json::Value::Null);
+    assert_eq!(op["recent_refused"], serde_json::json!([]));
+
     // SIGTERM: stop taking requests, finish, exit 0.
     let pid = child.id().to_string();
     assert!(

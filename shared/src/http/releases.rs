@@ -23,7 +23,9 @@ use crate::release::{
     CutRequest, DeployRequest, FreezeRequest, ProjectSpec, ReleaseError, ReleaseService,
     RollbackRequest, StatusRequest,
 };
-use crate::store::{IdempotencyBegin, IdempotencyStore, Store, StoredResponse};
+use crate::store::{
+    IdempotencyBegin, IdempotencyStore, OutboxStats, Ring, StatusLedger, Store, StoredResponse,
+};
 
 /// Page size when `per_page` is absent, and its maximum (as Aviator's API).
 pub const DEFAULT_PER_PAGE: usize = 10;
@@ -67,6 +69,7 @@ macro_rules! routes {
 }
 
 routes! {
+    get "/operator" => operator,
     get "/projects" => list_projects,
     put "/projects/{project}" => put_project,
     get "/projects/{project}" => get_project,
@@ -283,6 +286,44 @@ async fn overview(
     Ok(Json(
         StatusCode::OK,
         state.service.overview(&project).await?,
+    ))
+}
+
+/// kitebridge's own state at a glance: the last poll cycles, the outbox, recent statuses.
+#[derive(Serialize)]
+struct OperatorAnswer {
+    poll_cycles: Vec<Value>,
+    outbox: OutboxAnswer,
+    recent_posted: Vec<Value>,
+    recent_refused: Vec<Value>,
+}
+
+#[derive(Serialize)]
+struct OutboxAnswer {
+    #[serde(flatten)]
+    stats: OutboxStats,
+    /// How long the status that has waited longest has waited.
+    oldest_age_seconds: Option<i64>,
+}
+
+async fn operator(_: Authorized, State(state): State<ReleasesState>) -> Answer<OperatorAnswer> {
+    let store = &state.store;
+    let unavailable = |e| ApiError::from(ReleaseError::from(e));
+    let stats = store.outbox_stats().await.map_err(unavailable)?;
+    let oldest_age_seconds = stats
+        .oldest_queued_at
+        .map(|t| (chrono::Utc::now() - t).num_seconds().max(0));
+    Ok(Json(
+        StatusCode::OK,
+        OperatorAnswer {
+            poll_cycles: store.recent(Ring::PollCycles).await.map_err(unavailable)?,
+            outbox: OutboxAnswer {
+                stats,
+                oldest_age_seconds,
+            },
+            recent_posted: store.recent(Ring::Posted).await.map_err(unavailable)?,
+            recent_refused: store.recent(Ring::Refused).await.map_err(unavailable)?,
+        },
     ))
 }
 
@@ -515,7 +556,7 @@ mod tests {
     fn route_table_uses_known_methods() {
         for (m, p) in ROUTES {
             assert!(method_of(m).is_some(), "{m}");
-            assert!(p.starts_with("/projects"), "{p}");
+            assert!(p.starts_with("/projects") || *p == "/operator", "{p}");
         }
     }
 }
