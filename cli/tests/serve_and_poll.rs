@@ -238,7 +238,9 @@ async fn the_operator_view_shows_refusals_and_the_outbox() {
             .json()
             .await
             .unwrap();
-        if op["recent_refused"].as_array().is_some_and(|r| !r.is_empty())
+        if op["recent_refused"]
+            .as_array()
+            .is_some_and(|r| !r.is_empty())
             && op["poll_cycles"].as_array().is_some_and(|c| !c.is_empty())
         {
             break op;
@@ -248,12 +250,21 @@ async fn the_operator_view_shows_refusals_and_the_outbox() {
     };
     let refusal = &op["recent_refused"][0];
     assert_eq!(refusal["commit"], sha(9).as_str(), "{op}");
-    assert!(refusal["error"].as_str().is_some_and(|e| !e.is_empty()), "{op}");
+    assert!(
+        refusal["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{op}"
+    );
     assert_eq!(op["poll_cycles"][0]["ok"], false, "{op}");
     assert!(op["poll_cycles"][0]["error"].is_string(), "{op}");
     assert_eq!(op["outbox"]["depth"], 1, "{op}");
-    assert!(op["outbox"]["oldest_age_seconds"].as_i64() >= Some(0), "{op}");
-    assert!(!op.to_string().contains(DEFAULT_BITBUCKET_TOKEN), "no secrets: {op}");
+    assert!(
+        op["outbox"]["oldest_age_seconds"].as_i64() >= Some(0),
+        "{op}"
+    );
+    assert!(
+        !op.to_string().contains(DEFAULT_BITBUCKET_TOKEN),
+        "no secrets: {op}"
+    );
 
     let _ = child.kill();
     let _ = child.wait();
