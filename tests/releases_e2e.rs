@@ -539,6 +539,17 @@ async fn versions_candidates_and_listing() {
         .collect();
     assert_eq!(names, ["0.1.0"]);
     assert_eq!(p2.body["next_cursor"], Value::Null);
+    // A cursor is the id of the page's last item; any id is a place to continue from.
+    assert_eq!(cursor, s(&p1.body["items"][2]["cut_id"]));
+    let any = h
+        .call(
+            "GET",
+            "/projects/web/releases?cursor=00000000000000000000000000",
+            None,
+        )
+        .await;
+    assert_eq!(any.status, StatusCode::OK);
+    assert_eq!(any.body["items"], json!([]));
 
     // Calver, and a project without a build pipeline: built at once, nothing sent to Buildkite.
     let before = h.created_builds();
@@ -573,6 +584,18 @@ async fn versions_candidates_and_listing() {
             "POST",
             "/projects/cal/releases",
             Some(json!({"commit": SHA, "branch": "main", "version": "1.0.0"})),
+        )
+        .await;
+    // A semver version is a version (the spec's form), just not of this project's scheme: 422.
+    assert_eq!(
+        (bad.status, s(&bad.body["field"])),
+        (StatusCode::UNPROCESSABLE_ENTITY, "version")
+    );
+    let bad = h
+        .call(
+            "POST",
+            "/projects/cal/releases",
+            Some(json!({"commit": SHA, "branch": "main", "version": "v1"})),
         )
         .await;
     assert_eq!(
@@ -820,8 +843,15 @@ async fn bad_requests_name_the_field_and_missing_things_are_404() {
             "PUT",
             "/projects/x",
             Some(json!({"environments": [{"name": "a", "requires": "b"}]})),
-            StatusCode::BAD_REQUEST,
+            StatusCode::UNPROCESSABLE_ENTITY,
             "environments[0].requires",
+        ),
+        (
+            "PUT",
+            "/projects/x",
+            Some(json!({"build_pipeline": ["acme", "web"]})),
+            StatusCode::BAD_REQUEST,
+            "build_pipeline",
         ),
         (
             "PUT",
@@ -921,7 +951,7 @@ async fn bad_requests_name_the_field_and_missing_things_are_404() {
     }
     let a = h.call("GET", "/nowhere", None).await;
     assert_eq!(a.status, StatusCode::NOT_FOUND);
-    let a = h.call("DELETE", "/projects/web", None).await;
+    let a = h.call("PATCH", "/projects/web", None).await;
     assert_eq!(a.status, StatusCode::METHOD_NOT_ALLOWED);
 }
 
@@ -1905,4 +1935,132 @@ async fn blocked_builds_and_rebuilds_keep_working() {
     h.redeliver("web-release", rebuild.number, WebhookEvent::BuildFinished)
         .await;
     assert_eq!(h.candidate("6.0.0", 1).await, built);
+}
+
+/// `GET /projects`, the overview (which answers what a deploy would), and `DELETE /projects`.
+async fn projects_overview_and_delete(store: Store) {
+    let h = Harness::start(store).await;
+    h.project().await;
+    for name in ["api", "zeta"] {
+        let a = h
+            .call("PUT", &format!("/projects/{name}"), Some(json!({})))
+            .await;
+        assert_eq!(a.status, StatusCode::CREATED, "{}", a.body);
+    }
+    // Paged by name; the cursor is the last name of the page.
+    let p1 = h.call("GET", "/projects?per_page=2", None).await;
+    assert_eq!(p1.status, StatusCode::OK, "{}", p1.body);
+    let names = |b: &Value| -> Vec<String> {
+        b["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| s(&p["name"]).to_string())
+            .collect()
+    };
+    assert_eq!(names(&p1.body), ["api", "web"]);
+    assert_eq!(s(&p1.body["next_cursor"]), "web");
+    assert!(p1.body["items"][1]["created_at"].is_string());
+    let p2 = h.call("GET", "/projects?per_page=2&cursor=web", None).await;
+    assert_eq!(names(&p2.body), ["zeta"]);
+    assert_eq!(p2.body["next_cursor"], Value::Null);
+    let bad = h.call("GET", "/projects?cursor=a%20b", None).await;
+    assert_eq!(
+        (bad.status, s(&bad.body["field"])),
+        (StatusCode::BAD_REQUEST, "cursor")
+    );
+
+    // The overview: v1 succeeded in staging; production waits for staging to succeed with v2.
+    let v1 = h.built("1.0.0", SHA).await;
+    let v2 = h.built("1.1.0", SHA2).await;
+    h.deployed("staging", &v1, BuildState::Passed).await;
+    let o = h.call("GET", "/projects/web/overview", None).await;
+    assert_eq!(o.status, StatusCode::OK, "{}", o.body);
+    let envs = o.body["environments"].as_array().unwrap();
+    let staging = &envs[0];
+    assert_eq!(s(&staging["name"]), "staging");
+    assert_eq!(s(&staging["current"]["candidate_version"]), v1);
+    assert_eq!(staging["previous"], Value::Null);
+    assert_eq!(staging["deploying"], Value::Null);
+    assert_eq!(staging["candidates"][0]["version"], json!(v2));
+    assert_eq!(staging["candidates"][0]["deployable"], json!(true));
+    assert_eq!(staging["candidates"].as_array().unwrap().len(), 1);
+    let production = &envs[1];
+    assert_eq!(s(&production["requires"]), "staging");
+    let waiting = &production["candidates"];
+    assert_eq!(waiting[0]["version"], json!(v2));
+    assert_eq!(s(&waiting[0]["waiting_for"]), "staging");
+    assert_eq!(s(&waiting[0]["refusal"]["error"]), "promotion_required");
+    assert_eq!(waiting[1]["version"], json!(v1));
+    assert_eq!(waiting[1]["deployable"], json!(true));
+    // The overview says what a deploy answers.
+    let refused = h.deploy("production", &v2).await;
+    assert_eq!(
+        (refused.status, s(&refused.body["error"])),
+        (StatusCode::CONFLICT, "promotion_required")
+    );
+    assert_eq!(refused.body["message"], waiting[0]["refusal"]["message"]);
+
+    // While v2 deploys to staging: the overview shows it, and the project cannot be deleted.
+    let running = h.deploy("staging", &v2).await;
+    assert_eq!(running.status, StatusCode::CREATED, "{}", running.body);
+    let o = h.call("GET", "/projects/web/overview", None).await;
+    let staging = &o.body["environments"][0];
+    assert_eq!(s(&staging["deploying"]["id"]), s(&running.body["id"]));
+    assert_eq!(
+        s(&staging["candidates"][0]["refusal"]["error"]),
+        "deployment_in_progress"
+    );
+    let busy = h.call("DELETE", "/projects/web", None).await;
+    assert_eq!(
+        (busy.status, s(&busy.body["error"])),
+        (StatusCode::CONFLICT, "deployment_in_progress")
+    );
+    let number = h.bk.created_builds().pop().unwrap().number;
+    h.progress("web-deploy", number, BuildState::Passed).await;
+    let o = h.call("GET", "/projects/web/overview", None).await;
+    let staging = &o.body["environments"][0];
+    assert_eq!(s(&staging["current"]["candidate_version"]), v2);
+    assert_eq!(s(&staging["previous"]["candidate_version"]), v1);
+
+    // Deleted with every record: gone from the listing, and created again it starts empty.
+    let gone = h.call("DELETE", "/projects/web", None).await;
+    assert_eq!(gone.status, StatusCode::NO_CONTENT, "{}", gone.body);
+    assert_eq!(
+        h.call("GET", "/projects/web", None).await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        h.call("DELETE", "/projects/web", None).await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        names(&h.call("GET", "/projects", None).await.body),
+        ["api", "zeta"]
+    );
+    h.project().await;
+    let releases = h.call("GET", "/projects/web/releases", None).await;
+    assert_eq!(releases.body["items"], json!([]));
+    let deployments = h
+        .call(
+            "GET",
+            "/projects/web/environments/staging/deployments",
+            None,
+        )
+        .await;
+    assert_eq!(deployments.body["items"], json!([]));
+    let env = h
+        .call("GET", "/projects/web/environments/staging", None)
+        .await;
+    assert_eq!(env.body["successes"], json!([]));
+}
+
+#[tokio::test]
+async fn projects_overview_and_delete_on_sqlite() {
+    projects_overview_and_delete(sqlite()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn projects_overview_and_delete_on_dynamodb() {
+    projects_overview_and_delete(Store::new(kitebridge_tests::dynamodb().await)).await;
 }

@@ -64,6 +64,8 @@ contract!(
     firing_race_exactly_one_wins,
     idempotency_replays_the_first_answer,
     releases_projects_and_versions,
+    projects_listed_and_deleted,
+    recent_rings_are_bounded_newest_first,
     releases_version_race_exactly_one_wins,
     releases_candidate_race_exactly_one_wins,
     deployments_one_active_per_environment,
@@ -858,6 +860,86 @@ fn candidate(project: &str, version: &str, number: u32, cut_id: &str) -> Candida
         created_at: Utc::now(),
         updated_at: Utc::now(),
     }
+}
+
+async fn recent_rings_are_bounded_newest_first(kv: Kv) {
+    use kitebridge::store::{Ring, StatusLedger};
+    let store = Store::from_arc(kv);
+    assert!(store.recent(Ring::Refused).await.unwrap().is_empty());
+    for i in 0..3 {
+        store
+            .note_recent(Ring::Refused, serde_json::json!({"n": i}))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    let got = store.recent(Ring::Refused).await.unwrap();
+    let ns: Vec<_> = got.iter().map(|v| v["n"].clone()).collect();
+    assert_eq!(ns, [2, 1, 0]);
+    assert!(got[0]["at"].is_string());
+    // Other rings are apart; a ring never holds more than its size.
+    assert!(store.recent(Ring::Posted).await.unwrap().is_empty());
+    for i in 0..(Ring::PollCycles.size() + 5) {
+        store
+            .note_recent(Ring::PollCycles, serde_json::json!({"n": i}))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let cycles = store.recent(Ring::PollCycles).await.unwrap();
+    assert!(cycles.len() <= Ring::PollCycles.size());
+    assert_eq!(cycles[0]["n"], Ring::PollCycles.size() + 4);
+}
+
+async fn projects_listed_and_deleted(kv: Kv) {
+    let store = Store::from_arc(kv);
+    let empty = store.list_projects(None, 10).await.unwrap();
+    assert!(empty.items.is_empty() && empty.next.is_none());
+    let mut revs = std::collections::HashMap::new();
+    for name in ["web", "api", "zeta"] {
+        revs.insert(name, store.put_project(&project(name), None).await.unwrap());
+    }
+    // An update is listed as it is now (written in the same batch as the project).
+    let mut web = project("web");
+    web.env.insert("X".into(), "y".into());
+    let web_rev = store.put_project(&web, Some(revs["web"])).await.unwrap();
+    let p1 = store.list_projects(None, 2).await.unwrap();
+    let names = |items: &[Project]| items.iter().map(|p| p.name.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&p1.items), ["api", "web"]);
+    assert_eq!(p1.items[1], web);
+    assert_eq!(p1.next.as_deref(), Some("web"));
+    let p2 = store.list_projects(p1.next.as_deref(), 2).await.unwrap();
+    assert_eq!(names(&p2.items), ["zeta"]);
+    assert_eq!(p2.next, None);
+
+    // Deleting takes every record of the project, and only that project's.
+    let (r, c) = release("web", "1.0.0");
+    store.create_release(&r, &c).await.unwrap();
+    let (other, other_c) = release("api", "1.0.0");
+    store.create_release(&other, &other_c).await.unwrap();
+    assert!(matches!(
+        store.delete_project("web", web_rev + 1).await,
+        Err(StoreError::Conflict)
+    ));
+    store.delete_project("web", web_rev).await.unwrap();
+    assert_eq!(store.project("web").await.unwrap(), None);
+    assert_eq!(store.release("web", "1.0.0").await.unwrap(), None);
+    assert!(store.candidates("web", "1.0.0").await.unwrap().is_empty());
+    assert_eq!(
+        names(&store.list_projects(None, 10).await.unwrap().items),
+        ["api", "zeta"]
+    );
+    assert_eq!(store.release("api", "1.0.0").await.unwrap(), Some(other));
+    // Created again, it starts empty.
+    store.put_project(&project("web"), None).await.unwrap();
+    assert!(
+        store
+            .list_releases("web", None, 10)
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
 }
 
 async fn releases_projects_and_versions(kv: Kv) {

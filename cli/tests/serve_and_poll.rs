@@ -153,6 +153,33 @@ async fn serve_answers_polls_and_stops_on_sigterm() {
     assert_eq!(health["status"], "ok");
     assert!(health["last_successful_poll"].is_string(), "{health}");
 
+    // The operator view: the cycle's summary, the status posted, an empty outbox; token only.
+    let client = reqwest::Client::new();
+    let refused = client.get(format!("{base}/operator")).send().await.unwrap();
+    assert_eq!(refused.status().as_u16(), 401);
+    let op: serde_json::Value = client
+        .get(format!("{base}/operator"))
+        .bearer_auth("api")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let cycle = &op["poll_cycles"][0];
+    assert_eq!(cycle["ok"], true, "{op}");
+    assert!(cycle["at"].is_string() && cycle["summary"]["builds_seen"].as_u64() >= Some(1));
+    let posted = op["recent_posted"].as_array().unwrap();
+    assert!(
+        posted
+            .iter()
+            .any(|p| p["commit"] == sha(7).as_str() && p["state"] == "FAILED"),
+        "{op}"
+    );
+    assert_eq!(op["outbox"]["depth"], 0, "{op}");
+    assert_eq!(op["outbox"]["oldest_age_seconds"], serde_json::Value::Null);
+    assert_eq!(op["recent_refused"], serde_json::json!([]));
+
     // SIGTERM: stop taking requests, finish, exit 0.
     let pid = child.id().to_string();
     assert!(
@@ -174,5 +201,72 @@ async fn serve_answers_polls_and_stops_on_sigterm() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(status.success(), "{status:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A status Bitbucket refuses (a repository it does not have) shows in the operator view: the
+/// refusal with its error, a failed cycle, and the status waiting in the outbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_view_shows_refusals_and_the_outbox() {
+    let (bk, bb, vars, dir) = fakes().await;
+    let missing = format!("ssh://git@{}:7999/proj/gone.git", bb.addr().ip());
+    bk.add_pipeline(Pipeline::new(ORG, "gone", "Gone", missing));
+    bk.add_build(Build::new(ORG, "gone", sha(9), "main").with_state(BuildState::Passed));
+    let mut child = kitebridge()
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env_clear()
+        .envs(&vars)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let base = line.trim().rsplit(' ').next().unwrap().to_string();
+    assert!(base.starts_with("http://127.0.0.1:"), "{line}");
+
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let op = loop {
+        let op: serde_json::Value = client
+            .get(format!("{base}/operator"))
+            .bearer_auth("api")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if op["recent_refused"]
+            .as_array()
+            .is_some_and(|r| !r.is_empty())
+            && op["poll_cycles"].as_array().is_some_and(|c| !c.is_empty())
+        {
+            break op;
+        }
+        assert!(Instant::now() < deadline, "no refusal shown: {op}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let refusal = &op["recent_refused"][0];
+    assert_eq!(refusal["commit"], sha(9).as_str(), "{op}");
+    assert!(
+        refusal["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{op}"
+    );
+    assert_eq!(op["poll_cycles"][0]["ok"], false, "{op}");
+    assert!(op["poll_cycles"][0]["error"].is_string(), "{op}");
+    assert_eq!(op["outbox"]["depth"], 1, "{op}");
+    assert!(
+        op["outbox"]["oldest_age_seconds"].as_i64() >= Some(0),
+        "{op}"
+    );
+    assert!(
+        !op.to_string().contains(DEFAULT_BITBUCKET_TOKEN),
+        "no secrets: {op}"
+    );
+
+    let _ = child.kill();
+    let _ = child.wait();
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -167,6 +167,17 @@ impl Poller {
             summary = %serde_json::to_string(&summary).unwrap_or_default(),
             "poll cycle"
         );
+        // For the operator view (the poller may be another process, so in the store).
+        self.reporter
+            .note_recent(
+                crate::store::Ring::PollCycles,
+                serde_json::json!({
+                    "ok": ok,
+                    "error": first_error.as_ref().map(ToString::to_string),
+                    "summary": &summary,
+                }),
+            )
+            .await;
         if let Some(e) = first_error {
             return Err(e);
         }

@@ -28,7 +28,7 @@ use crate::buildkite::model::{Build, Pipeline};
 use crate::net::SendError;
 use crate::status::{self, Skip, StatusVersion};
 use crate::store::{
-    Begin, BuildSource, PendingStatus, Standing, StatusLedger, StatusRecord, StoreError,
+    Begin, BuildSource, PendingStatus, Ring, Standing, StatusLedger, StatusRecord, StoreError,
 };
 
 /// A build as the ledger records it: mapped ([`status::map`]) and turned into the request for
@@ -152,6 +152,14 @@ const RATE_LIMITED_TRIES: u32 = 6;
 const UNAVAILABLE_TRIES: u32 = 2;
 
 impl Reporter {
+    /// Keeps `entry` in `ring` for the operator view. A failure is logged; it is never the
+    /// report's (or the poll cycle's).
+    pub async fn note_recent(&self, ring: Ring, entry: serde_json::Value) {
+        if let Err(e) = self.ledger.note_recent(ring, entry).await {
+            tracing::warn!(error = %e, ?ring, "could not keep a recent-activity entry");
+        }
+    }
+
     /// A reporter for the backlog (poll cycles, the outbox).
     pub fn new(
         ledger: Arc<dyn StatusLedger>,
@@ -365,7 +373,18 @@ impl Reporter {
                             status = newer;
                             continue;
                         }
-                        None => return Ok(Outcome::Posted),
+                        None => {
+                            self.note_recent(
+                                Ring::Posted,
+                                serde_json::json!({
+                                    "commit": status.commit,
+                                    "key": status.key,
+                                    "state": status.state,
+                                }),
+                            )
+                            .await;
+                            return Ok(Outcome::Posted);
+                        }
                     }
                 }
                 Err(error) => error,
@@ -410,6 +429,16 @@ impl Reporter {
             if refused {
                 tracing::error!(commit = %status.commit, key = %status.key, error = %error, attempts,
                     "Bitbucket refused the status; keeping it for retry");
+                self.note_recent(
+                    Ring::Refused,
+                    serde_json::json!({
+                        "commit": status.commit,
+                        "key": status.key,
+                        "state": status.state,
+                        "error": error.to_string(),
+                    }),
+                )
+                .await;
             } else {
                 tracing::warn!(commit = %status.commit, key = %status.key, error = %error, attempts,
                     "status not delivered; keeping it for retry");

@@ -171,7 +171,9 @@ impl ApiError {
     pub fn field(&self) -> Option<&str> {
         match self {
             ApiError::Invalid { field, .. } => field.as_deref(),
-            ApiError::Release(ReleaseError::Invalid { field, .. }) => Some(field),
+            ApiError::Release(
+                ReleaseError::Invalid { field, .. } | ReleaseError::Unprocessable { field, .. },
+            ) => Some(field),
             ApiError::Payload(PayloadError::Missing(field))
             | ApiError::Payload(PayloadError::Invalid { field, .. }) => Some(field),
             _ => None,
@@ -192,7 +194,7 @@ impl ApiError {
                 let status = self.status();
                 if status.is_server_error() {
                     tracing::error!(error = %e, "releases API request failed");
-                } else if status == StatusCode::UNPROCESSABLE_ENTITY
+                } else if matches!(e, ReleaseError::BuildkiteRefused(_))
                     || status == StatusCode::BAD_GATEWAY
                 {
                     tracing::warn!(error = %e, "releases API: Buildkite did not create the build");

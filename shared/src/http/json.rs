@@ -140,6 +140,20 @@ impl<'de> de::Deserializer<'de> for ValueDeserializer {
         }
     }
 
+    /// A struct is read from a JSON object only (serde would also take an array of its fields
+    /// in order, which no schema in `openapi.yaml` allows).
+    fn deserialize_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        _fields: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, FieldError> {
+        match self.0 {
+            Value::Object(_) => self.deserialize_any(visitor),
+            _ => Err(de::Error::custom("must be a JSON object")),
+        }
+    }
+
     fn deserialize_newtype_struct<V: Visitor<'de>>(
         self,
         _name: &'static str,
@@ -150,7 +164,7 @@ impl<'de> de::Deserializer<'de> for ValueDeserializer {
 
     serde::forward_to_deserialize_any! {
         bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
-        unit unit_struct seq tuple tuple_struct map struct identifier ignored_any
+        unit unit_struct seq tuple tuple_struct map identifier ignored_any
     }
 }
 
@@ -191,6 +205,11 @@ mod tests {
             "environments[0].requires"
         );
         assert!(parse_or_default::<RollbackRequest>(b"  ").is_ok());
+        assert_eq!(field::<RollbackRequest>("[true]"), "body");
+        assert_eq!(
+            field::<ProjectSpec>(r#"{"build_pipeline":["acme","web"]}"#),
+            "build_pipeline"
+        );
         assert!(parse::<CutRequest>(br#"{"commit":"a","branch":"m","bump":"minor"}"#).is_ok());
     }
 

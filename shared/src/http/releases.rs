@@ -23,7 +23,9 @@ use crate::release::{
     CutRequest, DeployRequest, FreezeRequest, ProjectSpec, ReleaseError, ReleaseService,
     RollbackRequest, StatusRequest,
 };
-use crate::store::{IdempotencyBegin, IdempotencyStore, Store, StoredResponse};
+use crate::store::{
+    IdempotencyBegin, IdempotencyStore, OutboxStats, Ring, StatusLedger, Store, StoredResponse,
+};
 
 /// Page size when `per_page` is absent, and its maximum (as Aviator's API).
 pub const DEFAULT_PER_PAGE: usize = 10;
@@ -67,8 +69,12 @@ macro_rules! routes {
 }
 
 routes! {
+    get "/operator" => operator,
+    get "/projects" => list_projects,
     put "/projects/{project}" => put_project,
     get "/projects/{project}" => get_project,
+    delete "/projects/{project}" => delete_project,
+    get "/projects/{project}/overview" => overview,
     post "/projects/{project}/releases" => cut,
     get "/projects/{project}/releases" => list_releases,
     get "/projects/{project}/releases/{version}" => get_release,
@@ -216,17 +222,8 @@ fn paging(q: &HashMap<String, String>) -> Result<Paging, ApiError> {
             }
         },
     };
-    // Cursors are opaque to callers: hex, so they need no escaping in a query string.
-    let cursor = match q.get("cursor").filter(|c| !c.is_empty()) {
-        None => None,
-        Some(c) => Some(
-            hex::decode(c)
-                .ok()
-                .filter(|b| b.len() <= 300)
-                .and_then(|b| String::from_utf8(b).ok())
-                .ok_or_else(|| ApiError::invalid("cursor", "not a cursor of this listing"))?,
-        ),
-    };
+    // Each listing checks its own cursor's form (the service); empty means the first page.
+    let cursor = q.get("cursor").filter(|c| !c.is_empty()).cloned();
     Ok(Paging { cursor, per_page })
 }
 
@@ -240,7 +237,7 @@ impl<T> From<crate::store::Page<T>> for Listing<T> {
     fn from(page: crate::store::Page<T>) -> Self {
         Listing {
             items: page.items,
-            next_cursor: page.next.map(hex::encode),
+            next_cursor: page.next,
         }
     }
 }
@@ -257,6 +254,77 @@ async fn put_project(
     let spec: ProjectSpec = parse(&body)?;
     let (p, created) = state.service.put_project(&project, spec).await?;
     Ok(Json(created_or_ok(created), p))
+}
+
+async fn list_projects(
+    _: Authorized,
+    State(state): State<ReleasesState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Answer<Listing<crate::release::model::Project>> {
+    let p = paging(&q)?;
+    let page = state
+        .service
+        .list_projects(p.cursor.as_deref(), p.per_page)
+        .await?;
+    Ok(Json(StatusCode::OK, page.into()))
+}
+
+async fn delete_project(
+    _: Authorized,
+    State(state): State<ReleasesState>,
+    Path(project): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    state.service.delete_project(&project).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn overview(
+    _: Authorized,
+    State(state): State<ReleasesState>,
+    Path(project): Path<String>,
+) -> Answer<crate::release::service::Overview> {
+    Ok(Json(
+        StatusCode::OK,
+        state.service.overview(&project).await?,
+    ))
+}
+
+/// kitebridge's own state at a glance: the last poll cycles, the outbox, recent statuses.
+#[derive(Serialize)]
+struct OperatorAnswer {
+    poll_cycles: Vec<Value>,
+    outbox: OutboxAnswer,
+    recent_posted: Vec<Value>,
+    recent_refused: Vec<Value>,
+}
+
+#[derive(Serialize)]
+struct OutboxAnswer {
+    #[serde(flatten)]
+    stats: OutboxStats,
+    /// How long the status that has waited longest has waited.
+    oldest_age_seconds: Option<i64>,
+}
+
+async fn operator(_: Authorized, State(state): State<ReleasesState>) -> Answer<OperatorAnswer> {
+    let store = &state.store;
+    let unavailable = |e| ApiError::from(ReleaseError::from(e));
+    let stats = store.outbox_stats().await.map_err(unavailable)?;
+    let oldest_age_seconds = stats
+        .oldest_queued_at
+        .map(|t| (chrono::Utc::now() - t).num_seconds().max(0));
+    Ok(Json(
+        StatusCode::OK,
+        OperatorAnswer {
+            poll_cycles: store.recent(Ring::PollCycles).await.map_err(unavailable)?,
+            outbox: OutboxAnswer {
+                stats,
+                oldest_age_seconds,
+            },
+            recent_posted: store.recent(Ring::Posted).await.map_err(unavailable)?,
+            recent_refused: store.recent(Ring::Refused).await.map_err(unavailable)?,
+        },
+    ))
 }
 
 async fn get_project(
@@ -488,7 +556,7 @@ mod tests {
     fn route_table_uses_known_methods() {
         for (m, p) in ROUTES {
             assert!(method_of(m).is_some(), "{m}");
-            assert!(p.starts_with("/projects/"), "{p}");
+            assert!(p.starts_with("/projects") || *p == "/operator", "{p}");
         }
     }
 }

@@ -13,6 +13,11 @@ pub enum ReleaseError {
     /// 400: a field of the request is wrong.
     #[error("{field}: {message}")]
     Invalid { field: String, message: String },
+    /// 422: each field has its form, but together, or against the project they are for, they
+    /// do not hold (a `requires` naming no environment, a version of the other scheme). The
+    /// spec can state forms, not these, so they answer 422 rather than 400.
+    #[error("{field}: {message}")]
+    Unprocessable { field: String, message: String },
     /// 404: what the request names does not exist.
     #[error("{message}")]
     NotFound { kind: &'static str, message: String },
@@ -46,6 +51,7 @@ impl ReleaseError {
     pub fn status(&self) -> u16 {
         match self {
             ReleaseError::Invalid { .. } => 400,
+            ReleaseError::Unprocessable { .. } => 422,
             ReleaseError::NotFound { .. } => 404,
             ReleaseError::Conflict { .. } | ReleaseError::Contention => 409,
             ReleaseError::BuildkiteRefused(_) => 422,
@@ -58,7 +64,7 @@ impl ReleaseError {
     /// The `error` field of the JSON answer.
     pub fn kind(&self) -> &'static str {
         match self {
-            ReleaseError::Invalid { .. } => "invalid_request",
+            ReleaseError::Invalid { .. } | ReleaseError::Unprocessable { .. } => "invalid_request",
             ReleaseError::NotFound { kind, .. } | ReleaseError::Conflict { kind, .. } => kind,
             ReleaseError::BuildkiteRefused(_) => "buildkite_refused",
             ReleaseError::BuildkiteUnavailable(_) => "buildkite_unavailable",
@@ -81,6 +87,13 @@ impl ReleaseError {
 
     pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
         ReleaseError::Invalid {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    pub fn unprocessable(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ReleaseError::Unprocessable {
             field: field.into(),
             message: message.into(),
         }

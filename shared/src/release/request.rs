@@ -100,7 +100,7 @@ pub(super) fn validate_commit(commit: &str) -> Result<String> {
 
 pub(super) fn validate_branch(branch: &str) -> Result<()> {
     if branch.is_empty()
-        || branch.len() > 255
+        || branch.chars().count() > 255
         || branch.chars().any(|c| c.is_whitespace() || c.is_control())
     {
         return Err(ReleaseError::invalid(
@@ -156,10 +156,10 @@ fn validate_variables(field: &str, vars: &BTreeMap<String, String>) -> Result<()
                 "AVIATOR_* and BUILDKITE* variables are set by kitebridge and Buildkite",
             ));
         }
-        if value.len() > MAX_VALUE {
+        if value.chars().count() > MAX_VALUE {
             return Err(ReleaseError::invalid(
                 f,
-                format!("at most {MAX_VALUE} bytes"),
+                format!("at most {MAX_VALUE} characters"),
             ));
         }
     }
@@ -182,7 +182,7 @@ pub(super) fn validate_spec(spec: &ProjectSpec) -> Result<()> {
         let field = format!("environments[{i}]");
         validate_name(&format!("{field}.name"), &e.name)?;
         if names[..i].contains(&e.name.as_str()) {
-            return Err(ReleaseError::invalid(
+            return Err(ReleaseError::unprocessable(
                 format!("{field}.name"),
                 format!("environment `{}` is listed twice", e.name),
             ));
@@ -194,7 +194,7 @@ pub(super) fn validate_spec(spec: &ProjectSpec) -> Result<()> {
         if let Some(req) = &e.requires
             && (req == &e.name || !names.contains(&req.as_str()))
         {
-            return Err(ReleaseError::invalid(
+            return Err(ReleaseError::unprocessable(
                 format!("{field}.requires"),
                 format!("must name another environment of the project, not `{req}`"),
             ));
@@ -206,7 +206,7 @@ pub(super) fn validate_spec(spec: &ProjectSpec) -> Result<()> {
         let mut at = e;
         while let Some(next) = at.requires.as_deref() {
             if seen.contains(&next) {
-                return Err(ReleaseError::invalid(
+                return Err(ReleaseError::unprocessable(
                     "environments",
                     format!("promotion order loops: {} -> {next}", seen.join(" -> ")),
                 ));
@@ -245,9 +245,9 @@ pub(super) fn parse_status(status: &str) -> Result<DeploymentStatus> {
 
 pub(super) fn optional_text(field: &str, v: Option<String>) -> Result<Option<String>> {
     match v {
-        Some(s) if s.len() > MAX_TEXT => Err(ReleaseError::invalid(
+        Some(s) if s.chars().count() > MAX_TEXT => Err(ReleaseError::invalid(
             field,
-            format!("at most {MAX_TEXT} bytes"),
+            format!("at most {MAX_TEXT} characters"),
         )),
         other => Ok(other.filter(|s| !s.trim().is_empty())),
     }
@@ -277,7 +277,8 @@ mod tests {
     fn field(r: Result<()>) -> String {
         match r {
             Err(ReleaseError::Invalid { field, .. }) => field,
-            other => panic!("expected a 400, got {other:?}"),
+            Err(ReleaseError::Unprocessable { field, .. }) => field,
+            other => panic!("expected a 400 or 422, got {other:?}"),
         }
     }
 

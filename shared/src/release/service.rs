@@ -161,6 +161,135 @@ impl ReleaseService {
             })
     }
 
+    /// Projects by name, `per_page` at a time; the cursor is the last name of the previous page.
+    pub async fn list_projects(&self, cursor: Option<&str>, limit: usize) -> Result<Page<Project>> {
+        if let Some(c) = cursor {
+            validate_name("cursor", c)?;
+        }
+        Ok(self.store.list_projects(cursor, limit).await?)
+    }
+
+    /// Deletes a project and every record of it (releases, candidates, deployments,
+    /// environment states; nothing is kept). Refused (409 `deployment_in_progress`) while a
+    /// deployment of it is unfinished in any environment.
+    pub async fn delete_project(&self, name: &str) -> Result<()> {
+        validate_name("project", name)?;
+        cas_retry(ATTEMPTS, || async move {
+            let Some(current) = self.store.project(name).await? else {
+                return Err(ReleaseError::not_found(
+                    "project_not_found",
+                    format!("no project `{name}`"),
+                ));
+            };
+            for env in &current.value.environments {
+                let (_, _, active) = self.environment(name, &env.name).await?;
+                if let Some(d) = active {
+                    return Err(ReleaseError::conflict(
+                        "deployment_in_progress",
+                        format!(
+                            "deployment {} of `{}` to `{}` is {}; a project is deleted only when no deployment runs",
+                            d.id,
+                            d.candidate_version,
+                            env.name,
+                            d.status.as_str()
+                        ),
+                    ));
+                }
+            }
+            let deleted = self.store.delete_project(name, current.rev).await;
+            Ok(retry_on_conflict(deleted, ())?)
+        })
+        .await
+    }
+
+    /// Each environment side by side: what runs there and ran before, what is deploying, and
+    /// the newest built candidates not yet deployed there with what a deploy of each would
+    /// answer now (by [`decide::deployable`] and [`decide::lock`], as a deploy decides).
+    pub async fn overview(&self, name: &str) -> Result<Overview> {
+        let project = self.project(name).await?;
+        // The newest releases' built candidates, newest first.
+        let releases = self
+            .store
+            .list_releases(name, None, OVERVIEW_RELEASES)
+            .await?;
+        let mut built = Vec::new();
+        for r in &releases.items {
+            let mut cs: Vec<Candidate> = self
+                .store
+                .candidates(name, &r.version)
+                .await?
+                .into_iter()
+                .map(|c| c.value)
+                .filter(|c| c.state == CandidateState::Built)
+                .collect();
+            cs.reverse();
+            built.extend(cs);
+        }
+        let mut states = std::collections::HashMap::new();
+        for env in &project.environments {
+            let (_, st, active) = self.environment(name, &env.name).await?;
+            states.insert(env.name.clone(), (st, active));
+        }
+        let timing = Timing {
+            now: Utc::now(),
+            deployment_timeout: self.deployment_timeout,
+            build_lease: self.build_lease,
+        };
+        let mut environments = Vec::new();
+        for env in &project.environments {
+            let (st, active) = &states[&env.name];
+            let recent = self
+                .store
+                .list_deployments(name, &env.name, None, OVERVIEW_DEPLOYMENTS)
+                .await?;
+            let mut succeeded = recent
+                .items
+                .into_iter()
+                .map(|d| d.value)
+                .filter(|d| d.status == DeploymentStatus::Success)
+                .map(Deployment::answered);
+            let current = succeeded.next();
+            let previous = succeeded.next();
+            let required = env
+                .requires
+                .as_ref()
+                .and_then(|r| states.get(r))
+                .map(|(st, _)| st);
+            let candidates = built
+                .iter()
+                .filter(|c| !st.successes.contains(&c.version))
+                .take(OVERVIEW_CANDIDATES)
+                .map(|c| {
+                    let intent = Intent {
+                        project: &project,
+                        environment: env,
+                        candidate: c,
+                        rollback: false,
+                        force: false,
+                    };
+                    let refusal = decide::deployable(c, env, required)
+                        .and_then(|()| decide::lock(&intent, st, active.as_ref(), &timing))
+                        .err();
+                    Waiting::new(c, refusal)
+                })
+                .collect();
+            environments.push(EnvironmentOverview {
+                name: env.name.clone(),
+                requires: env.requires.clone(),
+                frozen: st.frozen,
+                freeze_reason: st.freeze_reason.clone(),
+                deploying: active.clone(),
+                current,
+                previous,
+                candidates,
+            });
+        }
+        Ok(Overview {
+            project: project.name,
+            environments,
+        })
+    }
+
     fn environment_of<'a>(project: &'a Project, name: &str) -> Result<&'a Environment> {
         validate_name("environment", name)?;
         project
@@ -183,8 +312,15 @@ impl ReleaseService {
         let commit = validate_commit(&req.commit)?;
         validate_branch(&req.branch)?;
         if let Some(v) = &req.version {
-            version::validate(project.version_scheme, v)
-                .map_err(|m| ReleaseError::invalid("version", m))?;
+            version::validate(project.version_scheme, v).map_err(|m| {
+                // A version of either scheme's form is well formed; whether it fits this
+                // project's scheme (or is a real date) is a fact about the project: 422.
+                if version::has_form(v) {
+                    ReleaseError::unprocessable("version", m)
+                } else {
+                    ReleaseError::invalid("version", m)
+                }
+            })?;
         }
         if project.build_pipeline.is_some() {
             self.buildkite()?;
@@ -414,15 +550,14 @@ impl ReleaseService {
         limit: usize,
     ) -> Result<Page<Release>> {
         self.project(project).await?;
-        if let Some(c) = cursor
-            && !c.starts_with("RELEASES#")
-        {
-            return Err(ReleaseError::invalid(
-                "cursor",
-                "not a cursor of this listing",
-            ));
-        }
-        Ok(self.store.list_releases(project, cursor, limit).await?)
+        let after = cursor
+            .map(|c| id_cursor(c).map(|id| format!("RELEASES#{id}")))
+            .transpose()?;
+        let page = self
+            .store
+            .list_releases(project, after.as_deref(), limit)
+            .await?;
+        Ok(next_as_id(page, "RELEASES#"))
     }
 
     /// A release and its candidates (oldest first).
@@ -511,18 +646,16 @@ impl ReleaseService {
     ) -> Result<Page<Deployment>> {
         let p = self.project(project).await?;
         Self::environment_of(&p, environment)?;
-        if let Some(c) = cursor
-            && !c.starts_with(&format!("DEPLOYMENT#{environment}#"))
-        {
-            return Err(ReleaseError::invalid(
-                "cursor",
-                "not a cursor of this listing",
-            ));
-        }
-        let page = self
-            .store
-            .list_deployments(project, environment, cursor, limit)
-            .await?;
+        let prefix = format!("DEPLOYMENT#{environment}#");
+        let after = cursor
+            .map(|c| id_cursor(c).map(|id| format!("{prefix}{id}")))
+            .transpose()?;
+        let page = next_as_id(
+            self.store
+                .list_deployments(project, environment, after.as_deref(), limit)
+                .await?,
+            &prefix,
+        );
         let mut items = Vec::with_capacity(page.items.len());
         for d in page.items {
             items.push(self.fresh(d).await?.answered());
@@ -949,5 +1082,106 @@ impl ReleaseService {
             resumed,
         )
         .await
+    }
+}
+
+/// A listing's `cursor`: the id (a ULID) of the previous page's last item, which the listing
+/// continues after. Any ULID is a cursor (one that names no item starts after where it would be).
+fn id_cursor(c: &str) -> Result<String> {
+    ulid::Ulid::from_string(c)
+        .map(|u| u.to_string())
+        .map_err(|_| {
+            ReleaseError::invalid(
+                "cursor",
+                "not a cursor of this listing (the `next_cursor` of its previous page)",
+            )
+        })
+}
+
+/// The store's page with its continuation as the last item's id (the sort key after `prefix`).
+fn next_as_id<T>(page: Page<T>, prefix: &str) -> Page<T> {
+    Page {
+        next: page
+            .next
+            .map(|sk| sk.strip_prefix(prefix).map(str::to_owned).unwrap_or(sk)),
+        items: page.items,
+    }
+}
+
+/// How many of the newest releases the overview reads candidates from.
+const OVERVIEW_RELEASES: usize = 10;
+/// How many recent deployments of an environment the overview reads for its current and
+/// previous successful ones.
+const OVERVIEW_DEPLOYMENTS: usize = 50;
+/// Most candidates the overview lists per environment.
+const OVERVIEW_CANDIDATES: usize = 5;
+
+/// A project's environments side by side ([`ReleaseService::overview`]).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Overview {
+    pub project: String,
+    pub environments: Vec<EnvironmentOverview>,
+}
+
+/// One environment in an [`Overview`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EnvironmentOverview {
+    pub name: String,
+    pub requires: Option<String>,
+    pub frozen: bool,
+    pub freeze_reason: Option<String>,
+    /// The unfinished deployment, if any.
+    pub deploying: Option<Deployment>,
+    /// The newest deployment that succeeded here (what runs here), and the one before it.
+    pub current: Option<Deployment>,
+    pub previous: Option<Deployment>,
+    /// The newest built candidates not yet deployed successfully here, newest first.
+    pub candidates: Vec<Waiting>,
+}
+
+/// A built candidate not yet deployed to an environment, and what a deploy would answer now.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Waiting {
+    pub version: String,
+    pub release_version: String,
+    pub commit: String,
+    pub created_at: chrono::DateTime<Utc>,
+    /// A deploy without `force` would start now.
+    pub deployable: bool,
+    /// Otherwise why not: the 409's `error` and `message` a deploy would answer.
+    pub refusal: Option<RefusalView>,
+    /// The environment it must succeed in first (promotion order), when that is why.
+    pub waiting_for: Option<String>,
+}
+
+/// A [`decide::Refusal`] as the API words it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RefusalView {
+    pub error: &'static str,
+    pub message: String,
+}
+
+impl Waiting {
+    fn new(c: &Candidate, refusal: Option<decide::Refusal>) -> Waiting {
+        let waiting_for = match &refusal {
+            Some(decide::Refusal::PromotionRequired { required, .. }) => Some(required.clone()),
+            _ => None,
+        };
+        let refusal = refusal.map(|r| {
+            let e = ReleaseError::from(r);
+            RefusalView {
+                error: e.kind(),
+                message: e.message(),
+            }
+        });
+        Waiting {
+            version: c.version.clone(),
+            release_version: c.release_version.clone(),
+            commit: c.commit.clone(),
+            created_at: c.created_at,
+            deployable: refusal.is_none(),
+            refusal,
+            waiting_for,
+        }
     }
 }

@@ -61,6 +61,32 @@ pub fn validate(scheme: VersionScheme, version: &str) -> Result<(), String> {
     }
 }
 
+/// Whether `version` has the form of a version of either scheme (semver `MAJOR.MINOR.PATCH`,
+/// or calver's `YYYY.MM.DD[.N]` digits whether or not the date exists): the form `openapi.yaml`
+/// states. [`validate`] says whether it is one of the project's scheme.
+pub fn has_form(version: &str) -> bool {
+    if version.len() > MAX_VERSION_LEN {
+        return false;
+    }
+    if parse_semver(version).is_some() {
+        return true;
+    }
+    let parts: Vec<&str> = version.split('.').collect();
+    let digits = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_digit());
+    match parts.as_slice() {
+        [y, m, d] => digits(y, 4) && digits(m, 2) && digits(d, 2),
+        [y, m, d, n] => {
+            digits(y, 4)
+                && digits(m, 2)
+                && digits(d, 2)
+                && is_plain_number(n)
+                && *n != "0"
+                && n.parse::<u32>().is_ok()
+        }
+        _ => false,
+    }
+}
+
 /// The next version under `scheme`, given recent versions of the project (any order; versions
 /// of another scheme are ignored) and today's date.
 pub fn next_version(
@@ -158,6 +184,24 @@ mod tests {
 
     fn day(s: &str) -> NaiveDate {
         NaiveDate::parse_from_str(s, "%Y-%m-%d").unwrap()
+    }
+
+    #[test]
+    fn form_is_either_scheme_and_no_more() {
+        for v in ["1.4.0", "0.0.0", "2026.06.15", "2026.02.31", "2026.06.15.2"] {
+            assert!(has_form(v), "{v}");
+        }
+        for v in [
+            "",
+            "v1.0.0",
+            "1.0",
+            "01.0.0",
+            "2026.06.5",
+            "2026.06.15.0",
+            "1.0.0-rc1",
+        ] {
+            assert!(!has_form(v), "{v}");
+        }
     }
 
     #[test]

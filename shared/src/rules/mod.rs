@@ -324,6 +324,26 @@ impl Rule {
     /// Parses a document from JSON, then validates it.
     pub fn from_json(name: &str, document: Value) -> Result<Rule, RuleError> {
         validate_name(name).map_err(|m| RuleError::new(name, RuleErrorKind::Document, m))?;
+        // serde would also read a struct from an array of its fields in order; a rule document
+        // is JSON objects all the way down (as openapi.yaml says).
+        for (path, v) in [
+            ("document", Some(&document)),
+            ("value", document.get("value")),
+            (
+                "value.build",
+                document.get("value").and_then(|v| v.get("build")),
+            ),
+        ] {
+            if let Some(v) = v
+                && !v.is_object()
+            {
+                return Err(RuleError::new(
+                    name,
+                    RuleErrorKind::Document,
+                    format!("{path}: must be a JSON object"),
+                ));
+            }
+        }
         let doc: RuleDocument = serde_path_to_error::deserialize(document).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner();

@@ -18,6 +18,9 @@ pub(super) const PENDING_FIRING_PK: &str = "RULEFIRING";
 /// environment state, so the two never disagree.
 pub(super) const ACTIVE_PK: &str = "ACTIVE_DEPLOYMENTS";
 pub(super) const PROJECT_SK: &str = "PROJECT";
+/// The project listing: `PROJECTS` / `{project}`, a copy of each project written in the same
+/// batch as the project itself (DynamoDB has no cross-partition prefix scan).
+pub(super) const PROJECTS_PK: &str = "PROJECTS";
 pub(super) const RELEASES_PREFIX: &str = "RELEASES#";
 pub(super) const BUILD_LINK_SK: &str = "LINK";
 

@@ -11,6 +11,9 @@ use super::cas::{CAS_ATTEMPTS, Cas, cas_retry, retry_on_conflict};
 use super::encoding::{decode, over, put};
 use super::keys::{OUTBOX_PK, STATUS_TTL, outbox_sk, status_pk};
 use super::kv::{Cond, Order, Write};
+
+/// How long a recent-activity entry is kept when nothing overwrites it.
+const RECENT_TTL: i64 = 7 * 86_400;
 use super::{Result, Store, StoreError};
 use crate::bitbucket::request::StatusRequest;
 use crate::status::{Ordering, StatusVersion, compare};
@@ -144,6 +147,42 @@ pub trait StatusLedger: Send + Sync {
     async fn outbox_stats(&self) -> Result<OutboxStats>;
 
     async fn reported(&self, commit: &str, key: &str) -> Result<Option<ReportedStatus>>;
+
+    /// Keeps `entry` (a JSON object; `at` is added) in `ring` for the operator view. A ring is
+    /// bounded: [`Ring::size`] slots by the millisecond, each write one unconditional put over
+    /// the slot's previous entry, so it holds about the last that many entries.
+    async fn note_recent(&self, ring: Ring, entry: serde_json::Value) -> Result<()>;
+
+    /// `ring`'s entries, newest first.
+    async fn recent(&self, ring: Ring) -> Result<Vec<serde_json::Value>>;
+}
+
+/// The bounded records of recent activity the operator view shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ring {
+    /// Poll cycles' summaries.
+    PollCycles,
+    /// Statuses posted to Bitbucket.
+    Posted,
+    /// Statuses Bitbucket refused.
+    Refused,
+}
+
+impl Ring {
+    pub fn size(self) -> usize {
+        match self {
+            Ring::PollCycles => 20,
+            Ring::Posted | Ring::Refused => 50,
+        }
+    }
+
+    fn pk(self) -> &'static str {
+        match self {
+            Ring::PollCycles => "RECENT#POLL",
+            Ring::Posted => "RECENT#POSTED",
+            Ring::Refused => "RECENT#REFUSED",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -166,6 +205,38 @@ struct StatusDoc {
 
 #[async_trait]
 impl StatusLedger for Store {
+    async fn note_recent(&self, ring: Ring, mut entry: serde_json::Value) -> Result<()> {
+        let now = Utc::now();
+        if let Some(map) = entry.as_object_mut() {
+            map.insert("at".into(), serde_json::json!(now));
+        }
+        let slot = now.timestamp_millis().rem_euclid(ring.size() as i64);
+        self.kv
+            .write(vec![put(
+                ring.pk().into(),
+                format!("{slot:03}"),
+                1,
+                &entry,
+                Some(RECENT_TTL),
+                Cond::Always,
+            )?])
+            .await
+    }
+
+    async fn recent(&self, ring: Ring) -> Result<Vec<serde_json::Value>> {
+        let items = self
+            .kv
+            .query(ring.pk(), "", None, ring.size(), Order::Ascending)
+            .await?;
+        let mut entries = items
+            .iter()
+            .map(|i| decode::<serde_json::Value>(i).map(|v| v.value))
+            .collect::<Result<Vec<_>>>()?;
+        let at = |v: &serde_json::Value| v["at"].as_str().unwrap_or_default().to_owned();
+        entries.sort_by_key(|v| std::cmp::Reverse(at(v)));
+        Ok(entries)
+    }
+
     async fn begin_report(&self, status: &StatusRecord, lease: Duration) -> Result<Begin> {
         let pk = &status_pk(&status.commit);
         cas_retry(CAS_ATTEMPTS, || async move {

@@ -71,7 +71,7 @@ pub use firings::{Firing, FiringClaim, FiringStore};
 pub use idempotency::{IdempotencyBegin, IdempotencyStore, StoredResponse};
 pub use kv::{Cond, Item, Kv, MAX_BATCH, Order, Write};
 pub use ledger::{
-    Begin, BuildSource, OutboxStats, PendingStatus, ReportedStatus, Standing, StatusLedger,
+    Begin, BuildSource, OutboxStats, PendingStatus, ReportedStatus, Ring, Standing, StatusLedger,
     StatusRecord,
 };
 pub use releases::{ActiveDeployment, ReleaseStore};

@@ -5,11 +5,11 @@ use serde::{Deserialize, Serialize};
 
 use super::encoding::{Page, Versioned, decode, over, page_of, put};
 use super::keys::{
-    ACTIVE_PK, BUILD_LINK_SK, BUILD_LINK_TTL, PROJECT_SK, RELEASES_PREFIX, active_sk,
+    ACTIVE_PK, BUILD_LINK_SK, BUILD_LINK_TTL, PROJECT_SK, PROJECTS_PK, RELEASES_PREFIX, active_sk,
     build_link_pk, candidate_sk, candidates_prefix, deployment_sk, deployments_prefix, env_sk,
     project_pk, release_index_sk, release_sk,
 };
-use super::kv::{Cond, Order, Write};
+use super::kv::{Cond, MAX_BATCH, Order, Write};
 use super::{Result, Store};
 use crate::release::model::{BuildLink, Candidate, Deployment, EnvironmentState, Project, Release};
 
@@ -21,6 +21,15 @@ pub trait ReleaseStore: Send + Sync {
     ///
     /// [`StoreError::Conflict`]: super::StoreError::Conflict
     async fn put_project(&self, project: &Project, expected: Option<u64>) -> Result<u64>;
+    /// Every project, by name, starting after `page` (a project name).
+    async fn list_projects(&self, page: Option<&str>, limit: usize) -> Result<Page<Project>>;
+    /// Deletes every record of a project (releases, candidates, deployments, environment
+    /// states), a batch at a time, then the project itself if it is still at `rev`
+    /// ([`StoreError::Conflict`] if it changed meanwhile). Interrupted, the project remains and
+    /// deleting again finishes. Build links expire on their own.
+    ///
+    /// [`StoreError::Conflict`]: super::StoreError::Conflict
+    async fn delete_project(&self, name: &str, rev: u64) -> Result<()>;
 
     /// Creates a release and its first candidate at once. [`StoreError::Conflict`] if the
     /// version exists in the project.
@@ -144,16 +153,82 @@ impl ReleaseStore for Store {
     async fn put_project(&self, project: &Project, expected: Option<u64>) -> Result<u64> {
         let (rev, cond) = over(expected);
         self.kv
-            .write(vec![put(
-                project_pk(&project.name),
-                PROJECT_SK.into(),
-                rev,
-                project,
-                None,
-                cond,
-            )?])
+            .write(vec![
+                put(
+                    project_pk(&project.name),
+                    PROJECT_SK.into(),
+                    rev,
+                    project,
+                    None,
+                    cond,
+                )?,
+                put(
+                    PROJECTS_PK.into(),
+                    project.name.clone(),
+                    rev,
+                    project,
+                    None,
+                    Cond::Always,
+                )?,
+            ])
             .await?;
         Ok(rev)
+    }
+
+    async fn list_projects(&self, page: Option<&str>, limit: usize) -> Result<Page<Project>> {
+        let items = self
+            .kv
+            .query(PROJECTS_PK, "", page, limit, Order::Ascending)
+            .await?;
+        let sks = items.iter().map(|i| i.sk.clone()).collect();
+        let decoded = items
+            .iter()
+            .map(decode::<Project>)
+            .collect::<Result<Vec<_>>>()?;
+        let p = page_of(decoded, sks, limit);
+        Ok(Page {
+            items: p.items.into_iter().map(|v| v.value).collect(),
+            next: p.next,
+        })
+    }
+
+    async fn delete_project(&self, name: &str, rev: u64) -> Result<()> {
+        let pk = project_pk(name);
+        let mut after: Option<String> = None;
+        loop {
+            let items = self
+                .kv
+                .query(&pk, "", after.as_deref(), MAX_BATCH, Order::Ascending)
+                .await?;
+            let Some(last) = items.last() else { break };
+            after = Some(last.sk.clone());
+            let writes: Vec<Write> = items
+                .into_iter()
+                .filter(|i| i.sk != PROJECT_SK)
+                .map(|i| Write::Delete {
+                    pk: i.pk,
+                    sk: i.sk,
+                    cond: Cond::Always,
+                })
+                .collect();
+            if !writes.is_empty() {
+                self.kv.write(writes).await?;
+            }
+        }
+        self.kv
+            .write(vec![
+                Write::Delete {
+                    pk,
+                    sk: PROJECT_SK.into(),
+                    cond: Cond::Rev(rev),
+                },
+                Write::Delete {
+                    pk: PROJECTS_PK.into(),
+                    sk: name.into(),
+                    cond: Cond::Always,
+                },
+            ])
+            .await
     }
 
     async fn create_release(&self, release: &Release, first: &Candidate) -> Result<()> {
