@@ -141,7 +141,15 @@ pub struct Reporter {
     /// How long an unanswered post may still take to land on Bitbucket: a retry of it, or the
     /// re-post of a newer state it may land on, waits that long.
     settle: Duration,
+    /// When this process last kept a posted status for the operator view (ms since the epoch),
+    /// shared by the live and backlog reporters.
+    last_noted_post: Arc<std::sync::atomic::AtomicI64>,
 }
+
+/// The operator view keeps a sample of the statuses posted, at most one per this interval per
+/// process: a backlog posts hundreds a second, and each kept entry is a store write (on
+/// DynamoDB, to one partition).
+const NOTE_POSTED_EVERY_MS: i64 = 250;
 
 /// When a refused status (400, 401, 404...) is tried again: hourly, so it is delivered once a
 /// person fixed the cause, without hammering.
@@ -158,6 +166,18 @@ impl Reporter {
         if let Err(e) = self.ledger.note_recent(ring, entry).await {
             tracing::warn!(error = %e, ?ring, "could not keep a recent-activity entry");
         }
+    }
+
+    /// Whether this post is kept for the operator view ([`NOTE_POSTED_EVERY_MS`]).
+    fn sample_post(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = Utc::now().timestamp_millis();
+        let last = self.last_noted_post.load(Relaxed);
+        now - last >= NOTE_POSTED_EVERY_MS
+            && self
+                .last_noted_post
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok()
     }
 
     /// A reporter for the backlog (poll cycles, the outbox).
@@ -178,6 +198,7 @@ impl Reporter {
             max_wait: Duration::from_secs(60),
             give_up_after: Duration::from_secs(72 * 3600),
             settle: Duration::from_secs(10),
+            last_noted_post: Arc::default(),
         }
     }
 
@@ -326,6 +347,9 @@ impl Reporter {
         queued_at: Option<chrono::DateTime<Utc>>,
     ) -> Result<Outcome, StoreError> {
         let (mut limited, mut unavailable) = (0u32, 0u32);
+        // Set when ours landed after a newer state was delivered: that newer state goes again,
+        // whatever the ledger says of it (it was delivered, but ours is now on top of it).
+        let mut reposting = false;
         loop {
             match self.pacer.acquire(self.priority, self.max_wait).await {
                 Ok(_waited) => {}
@@ -350,14 +374,16 @@ impl Reporter {
             // (coalescing: a superseded state is never posted). A poll cycle reports many
             // builds at once, so a newer build of the same commit may be recorded between this
             // one's `begin_report` and its turn, however short the wait; one store read.
-            match self
-                .ledger
-                .standing(&status.commit, &status.key, status.version)
-                .await?
-            {
-                Standing::Wanted | Standing::Gone => {}
-                Standing::AlreadyReported => return Ok(Outcome::AlreadyReported),
-                Standing::Superseded => return Ok(Outcome::Superseded),
+            if !reposting {
+                match self
+                    .ledger
+                    .standing(&status.commit, &status.key, status.version)
+                    .await?
+                {
+                    Standing::Wanted | Standing::Gone => {}
+                    Standing::AlreadyReported => return Ok(Outcome::AlreadyReported),
+                    Standing::Superseded => return Ok(Outcome::Superseded),
+                }
             }
             let error = match self.sink.post(&status.payload).await {
                 Ok(()) => {
@@ -371,9 +397,10 @@ impl Reporter {
                         // Ours may have landed after the newer one: post the newer one again.
                         Some(newer) => {
                             status = newer;
+                            reposting = true;
                             continue;
                         }
-                        None => {
+                        None if self.sample_post() => {
                             self.note_recent(
                                 Ring::Posted,
                                 serde_json::json!({
@@ -385,6 +412,7 @@ impl Reporter {
                             .await;
                             return Ok(Outcome::Posted);
                         }
+                        None => return Ok(Outcome::Posted),
                     }
                 }
                 Err(error) => error,
