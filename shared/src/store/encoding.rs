@@ -21,6 +21,16 @@ pub struct Page<T> {
     pub next: Option<String>,
 }
 
+impl<T> Page<Versioned<T>> {
+    /// The same page without the revisions.
+    pub(super) fn values(self) -> Page<T> {
+        Page {
+            items: self.items.into_iter().map(|v| v.value).collect(),
+            next: self.next,
+        }
+    }
+}
+
 pub(super) fn decode<T: DeserializeOwned>(item: &Item) -> Result<Versioned<T>> {
     let value = serde_json::from_str(&item.doc).map_err(|e| StoreError::Corrupt {
         pk: item.pk.clone(),
@@ -64,17 +74,4 @@ pub(super) fn over(read_rev: Option<u64>) -> (u64, Cond) {
         Some(rev) => (rev + 1, Cond::Rev(rev)),
         None => (1, Cond::Absent),
     }
-}
-
-pub(super) fn page_of<T>(
-    items: Vec<Versioned<T>>,
-    sks: Vec<String>,
-    limit: usize,
-) -> Page<Versioned<T>> {
-    let next = if items.len() == limit {
-        sks.last().cloned()
-    } else {
-        None
-    };
-    Page { items, next }
 }

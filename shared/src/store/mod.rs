@@ -121,6 +121,27 @@ impl Store {
             Some(item) => encoding::decode(&item).map(Some),
         }
     }
+
+    /// One page of `pk`'s records under `prefix`, after the sort key `after`, in `order`, with
+    /// their revisions; `next` is the last sort key when the page is full (there may be more).
+    async fn query_page<T: DeserializeOwned>(
+        &self,
+        pk: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+        order: kv::Order,
+    ) -> Result<Page<Versioned<T>>> {
+        let items = self.kv.query(pk, prefix, after, limit, order).await?;
+        let next = (items.len() == limit)
+            .then(|| items.last().map(|i| i.sk.clone()))
+            .flatten();
+        let items = items
+            .iter()
+            .map(encoding::decode)
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Page { items, next })
+    }
 }
 
 /// A store failure, as callers must treat it.

@@ -3,7 +3,7 @@
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use super::encoding::{Page, Versioned, decode, over, page_of, put};
+use super::encoding::{Page, Versioned, decode, over, put};
 use super::keys::{
     ACTIVE_PK, BUILD_LINK_SK, BUILD_LINK_TTL, PROJECT_SK, PROJECTS_PK, RELEASES_PREFIX, active_sk,
     build_link_pk, candidate_sk, candidates_prefix, deployment_sk, deployments_prefix, env_sk,
@@ -176,20 +176,10 @@ impl ReleaseStore for Store {
     }
 
     async fn list_projects(&self, page: Option<&str>, limit: usize) -> Result<Page<Project>> {
-        let items = self
-            .kv
-            .query(PROJECTS_PK, "", page, limit, Order::Ascending)
-            .await?;
-        let sks = items.iter().map(|i| i.sk.clone()).collect();
-        let decoded = items
-            .iter()
-            .map(decode::<Project>)
-            .collect::<Result<Vec<_>>>()?;
-        let p = page_of(decoded, sks, limit);
-        Ok(Page {
-            items: p.items.into_iter().map(|v| v.value).collect(),
-            next: p.next,
-        })
+        Ok(self
+            .query_page(PROJECTS_PK, "", page, limit, Order::Ascending)
+            .await?
+            .values())
     }
 
     async fn delete_project(&self, name: &str, rev: u64) -> Result<()> {
@@ -276,26 +266,16 @@ impl ReleaseStore for Store {
         page: Option<&str>,
         limit: usize,
     ) -> Result<Page<Release>> {
-        let items = self
-            .kv
-            .query(
+        Ok(self
+            .query_page(
                 &project_pk(project),
                 RELEASES_PREFIX,
                 page,
                 limit,
                 Order::Descending,
             )
-            .await?;
-        let sks = items.iter().map(|i| i.sk.clone()).collect();
-        let decoded = items
-            .iter()
-            .map(decode::<Release>)
-            .collect::<Result<Vec<_>>>()?;
-        let p = page_of(decoded, sks, limit);
-        Ok(Page {
-            items: p.items.into_iter().map(|v| v.value).collect(),
-            next: p.next,
-        })
+            .await?
+            .values())
     }
 
     async fn add_candidate(&self, candidate: &Candidate) -> Result<()> {
@@ -463,22 +443,14 @@ impl ReleaseStore for Store {
         page: Option<&str>,
         limit: usize,
     ) -> Result<Page<Versioned<Deployment>>> {
-        let items = self
-            .kv
-            .query(
-                &project_pk(project),
-                &deployments_prefix(environment),
-                page,
-                limit,
-                Order::Descending,
-            )
-            .await?;
-        let sks = items.iter().map(|i| i.sk.clone()).collect();
-        let decoded = items
-            .iter()
-            .map(decode::<Deployment>)
-            .collect::<Result<Vec<_>>>()?;
-        Ok(page_of(decoded, sks, limit))
+        self.query_page(
+            &project_pk(project),
+            &deployments_prefix(environment),
+            page,
+            limit,
+            Order::Descending,
+        )
+        .await
     }
 
     async fn link_build(&self, build_id: &str, link: &BuildLink) -> Result<()> {
@@ -506,19 +478,9 @@ impl ReleaseStore for Store {
         page: Option<&str>,
         limit: usize,
     ) -> Result<Page<ActiveDeployment>> {
-        let items = self
-            .kv
-            .query(ACTIVE_PK, "", page, limit, Order::Ascending)
-            .await?;
-        let sks = items.iter().map(|i| i.sk.clone()).collect();
-        let decoded = items
-            .iter()
-            .map(decode::<ActiveDeployment>)
-            .collect::<Result<Vec<_>>>()?;
-        let p = page_of(decoded, sks, limit);
-        Ok(Page {
-            items: p.items.into_iter().map(|v| v.value).collect(),
-            next: p.next,
-        })
+        Ok(self
+            .query_page(ACTIVE_PK, "", page, limit, Order::Ascending)
+            .await?
+            .values())
     }
 }
