@@ -889,6 +889,23 @@ async fn recent_rings_are_bounded_newest_first(kv: Kv) {
     let cycles = store.recent(Ring::PollCycles).await.unwrap();
     assert!(cycles.len() <= Ring::PollCycles.size());
     assert_eq!(cycles[0]["n"], Ring::PollCycles.size() + 4);
+    // Exactly the newest, in order, however close together they came.
+    let ns: Vec<usize> = cycles
+        .iter()
+        .map(|v| v["n"].as_u64().unwrap() as usize)
+        .collect();
+    let newest: Vec<usize> = (5..Ring::PollCycles.size() + 5).rev().collect();
+    assert_eq!(ns, newest);
+    for i in 0..30 {
+        store
+            .note_recent(Ring::Posted, serde_json::json!({"n": i}))
+            .await
+            .unwrap();
+    }
+    let posted = store.recent(Ring::Posted).await.unwrap();
+    assert_eq!(posted.len(), 30);
+    assert_eq!(posted[0]["n"], 29);
+    assert_eq!(posted[29]["n"], 0);
 }
 
 async fn projects_listed_and_deleted(kv: Kv) {

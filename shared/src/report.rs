@@ -141,15 +141,15 @@ pub struct Reporter {
     /// How long an unanswered post may still take to land on Bitbucket: a retry of it, or the
     /// re-post of a newer state it may land on, waits that long.
     settle: Duration,
-    /// When this process last kept a posted status for the operator view (ms since the epoch),
-    /// shared by the live and backlog reporters.
-    last_noted_post: Arc<std::sync::atomic::AtomicI64>,
+    /// When this process last kept a posted and a refused status for the operator view (ms
+    /// since the epoch), shared by the live and backlog reporters.
+    last_noted: Arc<[std::sync::atomic::AtomicI64; 2]>,
 }
 
-/// The operator view keeps a sample of the statuses posted, at most one per this interval per
-/// process: a backlog posts hundreds a second, and each kept entry is a store write (on
-/// DynamoDB, to one partition).
-const NOTE_POSTED_EVERY_MS: i64 = 250;
+/// The operator view keeps a sample of the statuses posted and refused, at most one of each per
+/// this interval per process: a backlog posts (or a wrong token refuses) hundreds a second, and
+/// each kept entry is a store write (on DynamoDB, to one partition).
+const NOTE_EVERY_MS: i64 = 250;
 
 /// When a refused status (400, 401, 404...) is tried again: hourly, so it is delivered once a
 /// person fixed the cause, without hammering.
@@ -168,16 +168,17 @@ impl Reporter {
         }
     }
 
-    /// Whether this post is kept for the operator view ([`NOTE_POSTED_EVERY_MS`]).
-    fn sample_post(&self) -> bool {
+    /// Keeps what `entry` makes in `ring` (posted or refused) unless this process kept one
+    /// there less than [`NOTE_EVERY_MS`] ago.
+    async fn note_sampled(&self, ring: Ring, entry: impl FnOnce() -> serde_json::Value) {
         use std::sync::atomic::Ordering::Relaxed;
+        let last = &self.last_noted[usize::from(ring == Ring::Refused)];
         let now = Utc::now().timestamp_millis();
-        let last = self.last_noted_post.load(Relaxed);
-        now - last >= NOTE_POSTED_EVERY_MS
-            && self
-                .last_noted_post
-                .compare_exchange(last, now, Relaxed, Relaxed)
-                .is_ok()
+        let seen = last.load(Relaxed);
+        if now - seen >= NOTE_EVERY_MS && last.compare_exchange(seen, now, Relaxed, Relaxed).is_ok()
+        {
+            self.note_recent(ring, entry()).await;
+        }
     }
 
     /// A reporter for the backlog (poll cycles, the outbox).
@@ -198,7 +199,7 @@ impl Reporter {
             max_wait: Duration::from_secs(60),
             give_up_after: Duration::from_secs(72 * 3600),
             settle: Duration::from_secs(10),
-            last_noted_post: Arc::default(),
+            last_noted: Arc::default(),
         }
     }
 
@@ -400,19 +401,17 @@ impl Reporter {
                             reposting = true;
                             continue;
                         }
-                        None if self.sample_post() => {
-                            self.note_recent(
-                                Ring::Posted,
+                        None => {
+                            self.note_sampled(Ring::Posted, || {
                                 serde_json::json!({
                                     "commit": status.commit,
                                     "key": status.key,
                                     "state": status.state,
-                                }),
-                            )
+                                })
+                            })
                             .await;
                             return Ok(Outcome::Posted);
                         }
-                        None => return Ok(Outcome::Posted),
                     }
                 }
                 Err(error) => error,
@@ -457,15 +456,14 @@ impl Reporter {
             if refused {
                 tracing::error!(commit = %status.commit, key = %status.key, error = %error, attempts,
                     "Bitbucket refused the status; keeping it for retry");
-                self.note_recent(
-                    Ring::Refused,
+                self.note_sampled(Ring::Refused, || {
                     serde_json::json!({
                         "commit": status.commit,
                         "key": status.key,
                         "state": status.state,
                         "error": error.to_string(),
-                    }),
-                )
+                    })
+                })
                 .await;
             } else {
                 tracing::warn!(commit = %status.commit, key = %status.key, error = %error, attempts,

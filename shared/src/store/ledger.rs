@@ -11,9 +11,6 @@ use super::cas::{CAS_ATTEMPTS, Cas, cas_retry, retry_on_conflict};
 use super::encoding::{decode, over, put};
 use super::keys::{OUTBOX_PK, STATUS_TTL, outbox_sk, status_pk};
 use super::kv::{Cond, Order, Write};
-
-/// How long a recent-activity entry is kept when nothing overwrites it.
-const RECENT_TTL: i64 = 7 * 86_400;
 use super::{Result, Store, StoreError};
 use crate::bitbucket::request::StatusRequest;
 use crate::status::{Ordering, StatusVersion, compare};
@@ -148,9 +145,9 @@ pub trait StatusLedger: Send + Sync {
 
     async fn reported(&self, commit: &str, key: &str) -> Result<Option<ReportedStatus>>;
 
-    /// Keeps `entry` (a JSON object; `at` is added) in `ring` for the operator view. A ring is
-    /// bounded: [`Ring::size`] slots by the millisecond, each write one unconditional put over
-    /// the slot's previous entry, so it holds about the last that many entries.
+    /// Keeps `entry` (a JSON object; `at` is added) in `ring` for the operator view, under a
+    /// time-ordered key that expires after [`Ring::keep_for`]: reading the newest
+    /// [`Ring::size`] needs no bookkeeping write, and nothing accumulates past the expiry.
     async fn note_recent(&self, ring: Ring, entry: serde_json::Value) -> Result<()>;
 
     /// `ring`'s entries, newest first.
@@ -174,6 +171,16 @@ impl Ring {
             Ring::PollCycles => 20,
             Ring::Posted | Ring::Refused => 50,
         }
+    }
+
+    /// How long an entry is kept: long enough to be among the newest [`Ring::size`] at the
+    /// rate entries come (one a poll cycle; posts and refusals are sampled by the reporter).
+    pub fn keep_for(self) -> std::time::Duration {
+        let hours = match self {
+            Ring::PollCycles | Ring::Refused => 24,
+            Ring::Posted => 1,
+        };
+        std::time::Duration::from_secs(hours * 3600)
     }
 
     fn pk(self) -> &'static str {
@@ -206,35 +213,36 @@ struct StatusDoc {
 #[async_trait]
 impl StatusLedger for Store {
     async fn note_recent(&self, ring: Ring, mut entry: serde_json::Value) -> Result<()> {
+        static KEYS: std::sync::Mutex<ulid::Generator> =
+            std::sync::Mutex::new(ulid::Generator::new());
         let now = Utc::now();
         if let Some(map) = entry.as_object_mut() {
             map.insert("at".into(), serde_json::json!(now));
         }
-        let slot = now.timestamp_millis().rem_euclid(ring.size() as i64);
+        // Monotonic within the process, so two entries of one millisecond keep their order.
+        let key = KEYS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .generate()
+            .unwrap_or_else(|_| ulid::Ulid::new());
         self.kv
             .write(vec![put(
                 ring.pk().into(),
-                format!("{slot:03}"),
+                key.to_string(),
                 1,
                 &entry,
-                Some(RECENT_TTL),
+                Some(ring.keep_for().as_secs() as i64),
                 Cond::Always,
             )?])
             .await
     }
 
     async fn recent(&self, ring: Ring) -> Result<Vec<serde_json::Value>> {
-        let items = self
-            .kv
-            .query(ring.pk(), "", None, ring.size(), Order::Ascending)
-            .await?;
-        let mut entries = items
-            .iter()
-            .map(|i| decode::<serde_json::Value>(i).map(|v| v.value))
-            .collect::<Result<Vec<_>>>()?;
-        let at = |v: &serde_json::Value| v["at"].as_str().unwrap_or_default().to_owned();
-        entries.sort_by_key(|v| std::cmp::Reverse(at(v)));
-        Ok(entries)
+        Ok(self
+            .query_page(ring.pk(), "", None, ring.size(), Order::Descending)
+            .await?
+            .values()
+            .items)
     }
 
     async fn begin_report(&self, status: &StatusRecord, lease: Duration) -> Result<Begin> {
