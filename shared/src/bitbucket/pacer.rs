@@ -115,9 +115,7 @@ struct State {
     burst: u32,
     /// How long that burst took (it was paced, so the server refilled some of it meanwhile).
     burst_secs: f64,
-    /// The wait the server asked for after that burst.
-    burst_wait: f64,
-    /// The last wait the server asked for (seconds).
+    /// The last wait the server asked for (seconds): in the ramp, the one after the burst.
     last_wait: f64,
     /// The last drain of a steady phase: the wait before it, then (seconds, posts accepted)
     /// from the end of that wait to the 429 that ended it, at one rate throughout.
@@ -183,7 +181,6 @@ impl Pacer {
                 paused_until: None,
                 burst: 0,
                 burst_secs: 0.0,
-                burst_wait: 0.0,
                 last_wait: 0.0,
                 last_drain: None,
                 ok_since_resume: 0,
@@ -269,15 +266,11 @@ impl Pacer {
             slot = slot.max(s.next_slot);
         }
         if slot > now && slot > deadline {
-            let reason = if s.paused_until.is_some_and(|p| p > now) {
-                HeldReason::RateLimited
-            } else {
-                // Paced: the backlog's turn is far off only when the rate is very low.
-                HeldReason::RateLimited
-            };
+            // Paused by a 429, or paced (the backlog's turn is far off only when the rate is
+            // very low): the rate limit either way.
             return Err(Held {
                 retry_in: slot - now,
-                reason,
+                reason: HeldReason::RateLimited,
             });
         }
         if priority == Priority::Backlog && slot > now + RESERVE_AHEAD {
@@ -343,7 +336,6 @@ impl Pacer {
                         s.burst = s.ok_since_resume.max(1);
                         let since = now.saturating_duration_since(s.resumed_at).as_secs_f64();
                         s.burst_secs = since;
-                        s.burst_wait = waited;
                         s.phase = Phase::Ramp { since: now + wait };
                         // What the burst and this wait allow, doubled: the ramp starts there.
                         2.0 * f64::from(s.burst) / (since + waited)
@@ -358,7 +350,7 @@ impl Pacer {
                         refill_lower_bound(
                             f64::from(s.burst),
                             s.burst_secs,
-                            s.burst_wait,
+                            s.last_wait,
                             ok,
                             now.saturating_duration_since(s.resumed_at).as_secs_f64(),
                             r,
