@@ -71,6 +71,14 @@ pub enum ApiError {
     Rules(#[from] CatalogError),
 }
 
+/// A store failure outside a domain operation (idempotency keys, the operator view) answers as
+/// the releases API answers one: 503, or 409 for lost contention; the detail only to the log.
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        ApiError::Release(e.into())
+    }
+}
+
 /// The JSON body of every error answer.
 #[derive(Serialize)]
 struct ErrorBody<'a> {

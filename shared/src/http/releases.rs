@@ -20,8 +20,8 @@ use super::json::{parse, parse_or_default};
 use super::{ApiError, Auth, Authorized, RawBody};
 use crate::release::model::{Candidate, Deployment, EnvironmentState, Release};
 use crate::release::{
-    CutRequest, DeployRequest, FreezeRequest, ProjectSpec, ReleaseError, ReleaseService,
-    RollbackRequest, StatusRequest,
+    CutRequest, DeployRequest, FreezeRequest, ProjectSpec, ReleaseService, RollbackRequest,
+    StatusRequest,
 };
 use crate::store::{
     IdempotencyBegin, IdempotencyStore, OutboxStats, Ring, StatusLedger, Store, StoredResponse,
@@ -153,8 +153,7 @@ async fn idempotent<T: Serialize>(
     let store = &state.store;
     let begun = store
         .idempotency_begin(IDEMPOTENCY_SCOPE, key, &fingerprint, IDEMPOTENCY_LEASE)
-        .await
-        .map_err(ReleaseError::from)?;
+        .await?;
     let rev = match begun {
         IdempotencyBegin::New { rev } => rev,
         IdempotencyBegin::Replay(stored) => {
@@ -308,21 +307,20 @@ struct OutboxAnswer {
 
 async fn operator(_: Authorized, State(state): State<ReleasesState>) -> Answer<OperatorAnswer> {
     let store = &state.store;
-    let unavailable = |e| ApiError::from(ReleaseError::from(e));
-    let stats = store.outbox_stats().await.map_err(unavailable)?;
+    let stats = store.outbox_stats().await?;
     let oldest_age_seconds = stats
         .oldest_queued_at
         .map(|t| (chrono::Utc::now() - t).num_seconds().max(0));
     Ok(Json(
         StatusCode::OK,
         OperatorAnswer {
-            poll_cycles: store.recent(Ring::PollCycles).await.map_err(unavailable)?,
+            poll_cycles: store.recent(Ring::PollCycles).await?,
             outbox: OutboxAnswer {
                 stats,
                 oldest_age_seconds,
             },
-            recent_posted: store.recent(Ring::Posted).await.map_err(unavailable)?,
-            recent_refused: store.recent(Ring::Refused).await.map_err(unavailable)?,
+            recent_posted: store.recent(Ring::Posted).await?,
+            recent_refused: store.recent(Ring::Refused).await?,
         },
     ))
 }
