@@ -7,9 +7,10 @@
 //!
 //! (A create-build whose answer is lost is in `tests/releases_e2e.rs` and `tests/rules_e2e.rs`.)
 
+mod support;
+
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 use kitebridge_fakes::*;
@@ -125,21 +126,14 @@ impl Drop for Serve {
 impl Serve {
     fn start(w: &World) -> Serve {
         let log = w.dir.path().join("serve.log");
-        let mut child = kitebridge()
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .env_clear()
-            .envs(&w.vars)
-            .env("MONITOR_LOG_LEVEL", "INFO")
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let base = line.trim().rsplit(' ').next().unwrap().to_string();
-        assert!(base.starts_with("http://127.0.0.1:"), "{line}");
+        let (child, base) = support::spawn_serve(
+            kitebridge()
+                .args(["serve", "--listen", "127.0.0.1:0"])
+                .env_clear()
+                .envs(&w.vars)
+                .env("MONITOR_LOG_LEVEL", "INFO")
+                .stderr(std::fs::File::create(&log).unwrap()),
+        );
         Serve { child, base, log }
     }
 

@@ -2,9 +2,10 @@
 //! servers and exits 0 (1 when the cycle fails); `serve` answers `/healthz`, runs the poll loop,
 //! and exits 0 on SIGTERM.
 
+mod support;
+
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kitebridge_fakes::*;
@@ -121,19 +122,12 @@ async fn poll_runs_one_cycle_and_says_how_it_went() {
 async fn serve_answers_polls_and_stops_on_sigterm() {
     let (bk, bb, vars, dir) = fakes().await;
     bk.add_build(Build::new(ORG, "web", sha(7), "main").with_state(BuildState::Failed));
-    let mut child = kitebridge()
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .env_clear()
-        .envs(&vars)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let base = line.trim().rsplit(' ').next().unwrap().to_string();
-    assert!(base.starts_with("http://127.0.0.1:"), "{line}");
+    let (mut child, base) = support::spawn_serve(
+        kitebridge()
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .env_clear()
+            .envs(&vars),
+    );
 
     // The poll loop reports the build.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -212,19 +206,12 @@ async fn the_operator_view_shows_refusals_and_the_outbox() {
     let missing = format!("ssh://git@{}:7999/proj/gone.git", bb.addr().ip());
     bk.add_pipeline(Pipeline::new(ORG, "gone", "Gone", missing));
     bk.add_build(Build::new(ORG, "gone", sha(9), "main").with_state(BuildState::Passed));
-    let mut child = kitebridge()
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .env_clear()
-        .envs(&vars)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let base = line.trim().rsplit(' ').next().unwrap().to_string();
-    assert!(base.starts_with("http://127.0.0.1:"), "{line}");
+    let (mut child, base) = support::spawn_serve(
+        kitebridge()
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .env_clear()
+            .envs(&vars),
+    );
 
     let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -3,10 +3,12 @@
 //! deadline whatever the clients do, every answer carries an `x-request-id`, and the rules API
 //! shows the rules loaded at start-up. Loopback only; every wait is bounded.
 
+mod support;
+
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use kitebridge_fakes::*;
@@ -64,19 +66,12 @@ async fn serve(name: &str, extra: &[(&str, String)]) -> Serve {
     for (k, v) in extra {
         vars.insert(k.to_string(), v.clone());
     }
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kitebridge"))
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .env_clear()
-        .envs(&vars)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let base = line.trim().rsplit(' ').next().unwrap().to_string();
-    assert!(base.starts_with("http://127.0.0.1:"), "{line}");
+    let (child, base) = support::spawn_serve(
+        Command::new(env!("CARGO_BIN_EXE_kitebridge"))
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .env_clear()
+            .envs(&vars),
+    );
     let addr = base.trim_start_matches("http://").parse().unwrap();
     Serve {
         child,
