@@ -241,11 +241,7 @@ impl Poller {
                 tokio::select! {
                     Some(outcome) = in_flight.next(), if !in_flight.is_empty() => tally.add(&outcome?),
                     page = rx.recv(), if !done && queue.len() < limit => match page {
-                        Some(page) => {
-                            for record in self.prepare_page(org, page, &seen, &skipped).await? {
-                                enqueue_newest(&mut queue, record);
-                            }
-                        }
+                        Some(page) => queue.extend(self.prepare_page(org, page, &seen, &skipped).await?),
                         None => done = true,
                     },
                     else => break,
@@ -357,18 +353,4 @@ pub fn emit_success_metric(summary: &Summary) {
             "posted": summary.reported.posted,
         }),
     );
-}
-
-/// Queues a status unless a newer build of the same (commit, key) is already waiting, and drops
-/// an older one that is: a cycle's listing often holds a rebuild and the build it replaced, and
-/// only the newest is ever wanted. The ledger refuses the superseded one anyway (at
-/// `begin_report`, and again just before its post); this spares it the store round trips and a
-/// turn. Those already in flight are the ledger's to order. The queue holds a page or two.
-fn enqueue_newest(queue: &mut VecDeque<StatusRecord>, record: StatusRecord) {
-    let same = |q: &StatusRecord| q.commit == record.commit && q.key == record.key;
-    match queue.iter().position(same) {
-        Some(i) if queue[i].version.build > record.version.build => {}
-        Some(i) if queue[i].version.build < record.version.build => queue[i] = record,
-        _ => queue.push_back(record),
-    }
 }
