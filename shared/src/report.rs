@@ -352,24 +352,21 @@ impl Reporter {
         // whatever the ledger says of it (it was delivered, but ours is now on top of it).
         let mut reposting = false;
         loop {
-            match self.pacer.acquire(self.priority, self.max_wait).await {
-                Ok(_waited) => {}
-                Err(held) => {
-                    let error = held.to_string();
-                    // Due at once: the destination's pacer, not this status, says when.
-                    let next = Utc::now();
-                    self.ledger
-                        .defer(
-                            &status.commit,
-                            &status.key,
-                            status.version,
-                            next,
-                            &error,
-                            false,
-                        )
-                        .await?;
-                    return Ok(Outcome::Deferred { error });
-                }
+            if let Err(held) = self.pacer.acquire(self.priority, self.max_wait).await {
+                let error = held.to_string();
+                // Due at once: the destination's pacer, not this status, says when.
+                let next = Utc::now();
+                self.ledger
+                    .defer(
+                        &status.commit,
+                        &status.key,
+                        status.version,
+                        next,
+                        &error,
+                        false,
+                    )
+                    .await?;
+                return Ok(Outcome::Deferred { error });
             }
             // Whatever arrived since this one was begun or while it waited for its turn
             // (coalescing: a superseded state is never posted). A poll cycle reports many
