@@ -76,17 +76,6 @@ pub struct AppState {
     pub rules: Arc<Vec<Rule>>,
 }
 
-impl AppState {
-    /// The releases API's service, as the routes use it.
-    pub fn release_service(&self) -> ReleaseService {
-        ReleaseService::new(
-            Arc::new(self.store.clone()),
-            self.buildkite.clone(),
-            self.config.deployment_timeout,
-        )
-    }
-}
-
 /// The router with every route kitebridge serves, and the layers every request passes.
 pub fn router(app: AppState) -> Router {
     let auth = Auth::from_config(&app.config);
@@ -98,7 +87,11 @@ pub fn router(app: AppState) -> Router {
         max_undelivered_age: app.config.delivery.max_undelivered_age,
     };
     let releases = ReleasesState {
-        service: app.release_service(),
+        service: ReleaseService::new(
+            Arc::new(app.store.clone()),
+            app.buildkite.clone(),
+            app.config.deployment_timeout,
+        ),
         store: app.store.clone(),
         auth: auth.clone(),
     };
