@@ -50,7 +50,7 @@ const PIPELINE: &str = "web";
 const RELEASE_PIPELINE: &str = "web-release";
 const DEPLOY_PIPELINE: &str = "web-deploy";
 const PROJECT: &str = "web";
-const STEPS: usize = 7;
+const STEPS: usize = 8;
 
 /// Runs the sandbox until the story is over (`--exit`) or `shutdown` resolves.
 pub async fn run(
@@ -158,10 +158,10 @@ pub async fn run(
             }
             if !opts.exit {
                 println!(
-                    "\nThe sandbox keeps running (the poll loop too), and now plays the CI by itself: \
-                     every build kitebridge triggers runs and passes within seconds, with signed \
-                     webhooks. Open the dashboard, sign in with {API_TOKEN}, and ship a release:\n  \
-                     {base}/ui/\nPress Ctrl-C to stop."
+                    "\nThe dashboard: open {base}/ui/ and sign in with {API_TOKEN} to cut, deploy and \
+                     promote a release with the mouse. From now on the sandbox plays the CI by \
+                     itself: every build kitebridge triggers runs and passes within seconds, with \
+                     signed webhooks.\nThe sandbox keeps running (the poll loop too): press Ctrl-C to stop."
                 );
                 tokio::select! {
                     () = play_the_ci(&bk, &base) => {}
@@ -344,6 +344,7 @@ impl<'a> Story<'a> {
         let cut = self.release().await;
         let candidate = cut.as_ref().ok().map(|(_, c)| c.clone());
         record(5, cut.map(|(line, _)| line), &mut problems);
+        let candidate_shown = candidate.clone();
         let r = match candidate {
             Some(c) => self.deploy(&c).await,
             None => {
@@ -351,7 +352,16 @@ impl<'a> Story<'a> {
                 Err("skipped: there is no built candidate to deploy".into())
             }
         };
+        let deployed = r.is_ok();
         record(6, r, &mut problems);
+        let r = match (candidate_shown, deployed) {
+            (Some(c), true) => self.dashboard(&c).await,
+            _ => {
+                heading(7, "The dashboard");
+                Err("skipped: nothing was deployed to show".into())
+            }
+        };
+        record(7, r, &mut problems);
         self.summary();
         problems
     }
@@ -670,6 +680,81 @@ impl<'a> Story<'a> {
         ))
     }
 
+    /// Signs in to the dashboard as a browser does and reads the project's page: staging runs
+    /// the candidate, and production offers to deploy it (promotion order satisfied).
+    async fn dashboard(&mut self, candidate: &str) -> StepResult {
+        heading(7, "The dashboard shows what runs where");
+        let browser = reqwest::Client::builder()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| e.to_string())?;
+        let url = |p: &str| format!("{}{p}", self.base);
+        let fail = |what: &str, e: reqwest::Error| format!("{what}: {e}");
+        let page = browser
+            .get(url("/ui/sign-in"))
+            .send()
+            .await
+            .map_err(|e| fail("GET /ui/sign-in", e))?;
+        let pre = set_cookie_pair(&page, "kb_pre")?;
+        let html = page.text().await.map_err(|e| fail("GET /ui/sign-in", e))?;
+        let csrf = csrf_of(&html)?;
+        let signed = browser
+            .post(url("/ui/sign-in"))
+            .header("cookie", &pre)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!(
+                "csrf={csrf}&token={API_TOKEN}&next=%2Fui%2Fprojects%2F{PROJECT}"
+            ))
+            .send()
+            .await
+            .map_err(|e| fail("POST /ui/sign-in", e))?;
+        if signed.status() != 303 {
+            return Err(format!("POST /ui/sign-in answered {}", signed.status()));
+        }
+        let session = set_cookie_pair(&signed, "kb_session")?;
+        println!(
+            "    POST /ui/sign-in with the API token -> 303 and a session cookie (HttpOnly, \
+             SameSite=Strict)"
+        );
+        let path = format!("/ui/projects/{PROJECT}");
+        let page = browser
+            .get(url(&path))
+            .header("cookie", &session)
+            .send()
+            .await
+            .map_err(|e| fail(&path, e))?;
+        let code = page.status();
+        let html = page.text().await.map_err(|e| fail(&path, e))?;
+        if code != 200 {
+            return Err(format!("GET {path} answered {code}"));
+        }
+        let staging = section(&html, "staging")?;
+        let production = section(&html, "production")?;
+        if !staging.contains(&format!("<strong>{candidate}</strong>")) {
+            return Err(format!(
+                "staging's card does not show {candidate} running:\n{staging}"
+            ));
+        }
+        let offered = format!("data-candidate=\"{candidate}\"");
+        if !(production.contains(&offered) && production.contains("class=\"deploy\"")) {
+            return Err(format!(
+                "production's card does not offer to deploy {candidate}:\n{production}"
+            ));
+        }
+        println!(
+            "    GET {path} -> staging runs {candidate}; production offers to deploy it \
+             (staging succeeded, so the promotion order allows it)"
+        );
+        println!(
+            "    open {}/ui/ in a browser to do the rest with the mouse",
+            self.base
+        );
+        Ok(format!(
+            "the dashboard shows {candidate} in staging, ready for production"
+        ))
+    }
+
     fn summary(&self) {
         heading(STEPS, "What kitebridge did");
         let posts = self.bb.posts();
@@ -869,6 +954,40 @@ fn record(n: usize, r: StepResult, problems: &mut Vec<String>) {
             problems.push(format!("step {n}: {e}"));
         }
     }
+}
+
+/// `name=value` of the cookie an answer sets.
+fn set_cookie_pair(r: &reqwest::Response, name: &str) -> Result<String, String> {
+    r.headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|c| c.starts_with(&format!("{name}=")))
+        .and_then(|c| c.split(';').next())
+        .map(str::to_owned)
+        .ok_or_else(|| format!("no {name} cookie was set"))
+}
+
+/// The CSRF token of the first form in a page.
+fn csrf_of(html: &str) -> Result<String, String> {
+    let key = "name=\"csrf\" value=\"";
+    let at = html
+        .find(key)
+        .ok_or("the page has no form with a CSRF token")?
+        + key.len();
+    let end = html[at..].find('"').ok_or("a CSRF token without its end")?;
+    Ok(html[at..at + end].to_string())
+}
+
+/// The HTML of an environment's card on the project page.
+fn section<'a>(html: &'a str, environment: &str) -> Result<&'a str, String> {
+    let start = html
+        .find(&format!("data-environment=\"{environment}\""))
+        .ok_or_else(|| format!("the page has no `{environment}` card"))?;
+    let end = html[start..]
+        .find("</section>")
+        .map_or(html.len(), |e| start + e);
+    Ok(&html[start..end])
 }
 
 fn heading(n: usize, title: &str) {
