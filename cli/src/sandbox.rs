@@ -116,6 +116,7 @@ pub async fn run(
         "  webhook token {WEBHOOK_TOKEN}, releases API token {API_TOKEN} (sandbox-only values)"
     );
     println!("  poll loop every {POLL_SECS} s");
+    println!("  dashboard: {base}/ui/ (sign in with {API_TOKEN})");
     if !addr.ip().is_loopback() {
         println!(
             "  note: {addr} is not a loopback address; anyone who can reach it can use the tokens above"
@@ -156,8 +157,16 @@ pub async fn run(
                 }
             }
             if !opts.exit {
-                println!("\nThe sandbox keeps running (the poll loop too): press Ctrl-C to stop.");
-                shutdown.await;
+                println!(
+                    "\nThe sandbox keeps running (the poll loop too), and now plays the CI by itself: \
+                     every build kitebridge triggers runs and passes within seconds, with signed \
+                     webhooks. Open the dashboard, sign in with {API_TOKEN}, and ship a release:\n  \
+                     {base}/ui/\nPress Ctrl-C to stop."
+                );
+                tokio::select! {
+                    () = play_the_ci(&bk, &base) => {}
+                    () = &mut shutdown => {}
+                }
                 println!("Stopping.");
             }
             if opts.exit && !problems.is_empty() {
@@ -905,11 +914,58 @@ fn text(v: &Value) -> String {
     v.as_str().unwrap_or_default().to_owned()
 }
 
+/// After the story, every build kitebridge triggers on the simulated Buildkite moves one step
+/// per second (scheduled, running, passed), each step delivered to kitebridge as Buildkite's
+/// signed webhook, so cuts and deployments made from the dashboard or the API finish by
+/// themselves.
+async fn play_the_ci(bk: &FakeBuildkite, base: &str) {
+    let url = format!("{base}{}", kitebridge::http::webhook::PATH);
+    let auth = WebhookAuth::Signature {
+        token: WEBHOOK_TOKEN.into(),
+        timestamp: None,
+    };
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        for b in bk.created_builds() {
+            let (next, event) = match b.state {
+                BuildState::Creating | BuildState::Scheduled => {
+                    (BuildState::Running, WebhookEvent::BuildRunning)
+                }
+                BuildState::Running => (BuildState::Passed, WebhookEvent::BuildFinished),
+                _ => continue,
+            };
+            if bk
+                .set_build_state(&b.org, &b.pipeline, b.number, next)
+                .is_none()
+            {
+                continue;
+            }
+            let Some(delivery) = bk.webhook(&b.org, &b.pipeline, b.number, event, &auth) else {
+                continue;
+            };
+            match deliver_webhook(&url, &delivery).await {
+                Ok((code, _)) => println!(
+                    "  the sandbox plays the CI: {}/{} #{} {} (kitebridge answered {code})",
+                    b.org,
+                    b.pipeline,
+                    b.number,
+                    event.as_str()
+                ),
+                Err(e) => println!(
+                    "  the sandbox plays the CI: delivering {} failed: {e}",
+                    event.as_str()
+                ),
+            }
+        }
+    }
+}
+
 /// The addresses, and commands to paste.
 fn print_poke(base: &str, bk: &FakeBuildkite, bb: &FakeBitbucket, last_webhook: Option<&Path>) {
     let auth = format!("-H 'Authorization: Bearer {API_TOKEN}'");
     println!("\nPoke at it by hand (the tokens are sandbox-only values):");
     println!("  kitebridge ({base}):");
+    println!("    the dashboard: open {base}/ui/ in a browser, sign in with {API_TOKEN}");
     println!("    curl -s {base}/healthz");
     println!("    curl -s {auth} {base}/projects/{PROJECT}/releases");
     println!("    curl -s {auth} {base}/projects/{PROJECT}/environments/staging/deployments");
@@ -917,7 +973,7 @@ fn print_poke(base: &str, bk: &FakeBuildkite, bb: &FakeBitbucket, last_webhook: 
         "    curl -sX POST {auth} {base}/projects/{PROJECT}/releases -d '{{\"commit\": \"{C3}\", \"branch\": \"main\"}}'"
     );
     println!(
-        "      (cuts the next version; its build then waits on the SIMULATED Buildkite, as nothing plays the CI any more)"
+        "      (cuts the next version; the sandbox then plays its build on the SIMULATED Buildkite)"
     );
     if let Some(file) = last_webhook {
         println!(

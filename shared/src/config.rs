@@ -61,6 +61,7 @@ pub const SECRET_VARIABLES: &[&str] = &[
     "BITBUCKET_SERVER_PASSWORD",
     "BITBUCKET_TOKEN",
     "KITEBRIDGE_API_TOKEN",
+    "KITEBRIDGE_DASHBOARD_TOKEN",
     "DMS_SNITCH_ID",
 ];
 
@@ -182,6 +183,18 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     /// Limits of the HTTP server: timeouts, connections, shutdown.
     pub server: ServerConfig,
+    /// The web dashboard's sign-in.
+    pub dashboard: DashboardConfig,
+}
+
+/// The dashboard (`/ui/`): who may sign in, and for how long.
+#[derive(Debug, Clone)]
+pub struct DashboardConfig {
+    /// The token a person signs in with (`KITEBRIDGE_DASHBOARD_TOKEN`, else the API token when
+    /// the API checks a bearer token). `None`: the dashboard signs nobody in.
+    pub token: Option<Secret>,
+    /// How long a session lasts (`KITEBRIDGE_SESSION_LIFETIME`, minutes).
+    pub session_lifetime: Duration,
 }
 
 /// Limits that keep slow or many clients from holding `kitebridge serve` (and, for the request
@@ -422,14 +435,29 @@ impl Config {
                 3600 * p.number("KITEBRIDGE_OUTBOX_GIVE_UP", 72, 1..=90 * 24),
             ),
         };
+        let api_token = p.secret_any(&["KITEBRIDGE_API_TOKEN"]);
+        let api_auth = p.api_auth();
+        let dashboard = DashboardConfig {
+            // Under IAM the API token (if any) is not what callers prove, so the dashboard has
+            // its own; under token auth it is the API's unless given.
+            token: p.secret_any(&["KITEBRIDGE_DASHBOARD_TOKEN"]).or_else(|| {
+                (api_auth == ApiAuth::Token)
+                    .then(|| api_token.clone())
+                    .flatten()
+            }),
+            session_lifetime: Duration::from_secs(
+                60 * p.number("KITEBRIDGE_SESSION_LIFETIME", 12 * 60, 1..=30 * 24 * 60),
+            ),
+        };
         let config = Config {
             buildkite,
             bitbucket,
             monitor,
             dms,
             store,
-            api_token: p.secret_any(&["KITEBRIDGE_API_TOKEN"]),
-            api_auth: p.api_auth(),
+            api_token,
+            api_auth,
+            dashboard,
             post_concurrency: p.number("KITEBRIDGE_POST_CONCURRENCY", 64, 1..=512) as usize,
             http_timeout: Duration::from_secs(p.number("KITEBRIDGE_HTTP_TIMEOUT", 10, 1..=300)),
             deployment_timeout: Duration::from_secs(

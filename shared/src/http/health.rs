@@ -36,7 +36,7 @@ pub fn routes<S: Clone + Send + Sync + 'static>(state: HealthState) -> Router<S>
 }
 
 #[derive(Serialize)]
-struct Health {
+pub(crate) struct Health {
     status: &'static str,
     problems: Vec<String>,
     store: &'static str,
@@ -57,6 +57,18 @@ struct OutboxHealth {
 /// undelivered longer than `KITEBRIDGE_HEALTH_MAX_UNDELIVERED`. Either way the answer shows the
 /// outbox (depth, the oldest undelivered status's age), the last successful poll and the pacer.
 async fn healthz(State(state): State<HealthState>) -> (StatusCode, Json<Health>) {
+    let (healthy, body) = assess(&state).await;
+    let code = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(body))
+}
+
+/// Whether kitebridge does its job, and the answer `/healthz` gives (the dashboard's operator
+/// page shows the same).
+pub(crate) async fn assess(state: &HealthState) -> (bool, Health) {
     let now = Utc::now();
     let mut problems: Vec<String> = Vec::new();
     let poll: Option<(Option<DateTime<Utc>>, bool)> = state.poller.as_ref().map(|p| {
@@ -116,10 +128,5 @@ async fn healthz(State(state): State<HealthState>) -> (StatusCode, Json<Health>)
         }),
         pacer: state.pacer.as_ref().map(|p| p.snapshot()),
     };
-    let code = if healthy {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (code, Json(body))
+    (healthy, body)
 }

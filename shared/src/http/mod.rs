@@ -8,6 +8,7 @@
 //! The modules below this one are leaves: nothing in the domain imports `http`.
 
 mod auth;
+pub mod dashboard;
 mod error;
 pub mod health;
 mod json;
@@ -95,6 +96,15 @@ pub fn router(app: AppState) -> Router {
         store: app.store.clone(),
         auth: auth.clone(),
     };
+    let dashboard = dashboard::DashboardState {
+        service: releases.service.clone(),
+        store: app.store.clone(),
+        health: health.clone(),
+        sessions: dashboard::session::Sessions::new(
+            app.config.dashboard.token.clone(),
+            app.config.dashboard.session_lifetime,
+        ),
+    };
     let rules = RulesState {
         catalog: RuleCatalog::new(app.rules.clone(), app.store.clone()),
         auth,
@@ -121,6 +131,7 @@ pub fn router(app: AppState) -> Router {
         .merge(health::routes(health))
         .merge(webhook)
         .merge(with_body_limit(api, API_MAX_BODY))
+        .merge(dashboard::routes(dashboard))
         .fallback(not_found);
     with_edge_layers(router, &app.config)
 }

@@ -282,6 +282,7 @@ impl ReleaseService {
                 current,
                 previous,
                 candidates,
+                successes: st.successes.clone(),
             });
         }
         Ok(Overview {
@@ -1137,6 +1138,10 @@ pub struct EnvironmentOverview {
     pub previous: Option<Deployment>,
     /// The newest built candidates not yet deployed successfully here, newest first.
     pub candidates: Vec<Waiting>,
+    /// Candidate versions deployed successfully here, oldest first (for the dashboard's grid;
+    /// the API answers them at `GET .../environments/{environment}`).
+    #[serde(skip)]
+    pub successes: Vec<String>,
 }
 
 /// A built candidate not yet deployed to an environment, and what a deploy would answer now.
