@@ -150,6 +150,30 @@ impl Browser {
         path
     }
 
+    /// Like [`Browser::screenshot`], of the whole page: the window is made as tall as the
+    /// document for the picture, then set back.
+    pub async fn screenshot_full(&self, file: &str) -> PathBuf {
+        let (w, h) = self.client.get_window_size().await.unwrap();
+        let need = self
+            .js(
+                "return document.documentElement.scrollHeight + (window.outerHeight - window.innerHeight);",
+                vec![],
+            )
+            .await
+            .as_u64()
+            .unwrap_or(h);
+        self.client
+            .set_window_size(w as u32, need.clamp(h, 4000) as u32)
+            .await
+            .unwrap();
+        let path = self.screenshot(file).await;
+        self.client
+            .set_window_size(w as u32, h as u32)
+            .await
+            .unwrap();
+        path
+    }
+
     pub async fn goto(&self, url: &str) {
         self.client
             .goto(url)
