@@ -623,11 +623,20 @@ async fn a_release_ships_to_staging_and_production_through_the_dashboard() {
         if done == json!(true) {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "staging's history never showed the rollback {id} of {rc1} as success\n{}",
-            b.text().await
-        );
+        if Instant::now() >= deadline {
+            let html = b
+                .js(
+                    "const r = document.querySelector(arguments[0]); return r ? r.outerHTML : null;",
+                    vec![json!(row)],
+                )
+                .await;
+            panic!(
+                "staging's history never showed the rollback {id} of {rc1} as success (wanted \
+                 {row} with td.status \"success\" and td.candidate holding {rc1}); the row: \
+                 {html}\n--- page ---\n{}",
+                b.text().await
+            );
+        }
         tokio::time::sleep(Duration::from_millis(300)).await;
         b.client.refresh().await.unwrap();
     }
