@@ -570,6 +570,10 @@ async fn a_release_ships_to_staging_and_production_through_the_dashboard() {
     let reason = deploy_refused(&b, "staging", &rc3, "environment_frozen").await;
     println!("frozen staging refuses {rc3}: {reason}");
     assert!(
+        reason.contains("staging is frozen") && !reason.contains("\"force\""),
+        "the page words the refusal for a person, not an API caller: {reason}"
+    );
+    assert!(
         !b.exists(&format!("{} .frozen-badge", env_section("production")))
             .await
     );
@@ -616,7 +620,7 @@ async fn a_release_ships_to_staging_and_production_through_the_dashboard() {
             .js(
                 "const r = document.querySelector(arguments[0]);
                  return !!r && r.querySelector('td.status')?.textContent.trim() === 'success'
-                     && !!r.querySelector('td.candidate')?.textContent.includes(arguments[1]);",
+                     && !!r.querySelector('.candidate')?.textContent.includes(arguments[1]);",
                 vec![json!(row), json!(rc1)],
             )
             .await;

@@ -9,7 +9,8 @@
 //! - A page's changing part refreshes itself (`app.js` fetches it again every few seconds);
 //!   without JavaScript every page reads the same, and every action works.
 //!
-//! The routes are listed in [`ROUTES`]; `docs/dashboard.md` describes the pages.
+//! The routes are listed in [`ROUTES`]; the README's "The dashboard" describes the pages, and
+//! docs/aws.md how they are protected on AWS.
 
 mod pages;
 pub mod session;

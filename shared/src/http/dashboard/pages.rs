@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use super::session::FlashKind;
 use crate::release::model::{Candidate, Deployment, Project, Release};
-use crate::release::service::{EnvironmentOverview, Overview, Waiting};
+use crate::release::service::{EnvironmentOverview, Overview, RefusalView, Waiting};
 
 /// Sent by `app.js` when it fetches a page again for its live region only.
 pub const LIVE_HEADER: &str = "x-kitebridge-live";
@@ -315,14 +315,31 @@ fn environment_card(project: &str, env: &EnvironmentOverview, csrf: &str) -> Mar
             @if !env.candidates.is_empty() {
                 h4 { "Ready to deploy" }
                 ul.waiting-list {
-                    @for w in &env.candidates { (waiting(project, &env.name, w, csrf)) }
+                    @for w in &env.candidates { (waiting(project, &env.name, env.freeze_reason.as_deref(), w, csrf)) }
                 }
             }
         }
     }
 }
 
-fn waiting(project: &str, environment: &str, w: &Waiting, csrf: &str) -> Markup {
+/// A refusal as the page words it: the API's message, except where it names an API field the
+/// page has no control for (a frozen environment's "pass `force`").
+fn refusal_words(r: &RefusalView, environment: &str, freeze_reason: Option<&str>) -> String {
+    if r.error == "environment_frozen" {
+        let why = freeze_reason.map(|r| format!(": {r}")).unwrap_or_default();
+        format!("{environment} is frozen{why}; unfreeze it to deploy")
+    } else {
+        r.message.clone()
+    }
+}
+
+fn waiting(
+    project: &str,
+    environment: &str,
+    freeze_reason: Option<&str>,
+    w: &Waiting,
+    csrf: &str,
+) -> Markup {
     let reason_id = format!("why-{environment}-{}", w.version);
     html! {
         li.waiting data-candidate=(w.version) {
@@ -337,7 +354,7 @@ fn waiting(project: &str, environment: &str, w: &Waiting, csrf: &str) -> Markup 
                 },
                 Some(r) => {
                     button type="button" disabled aria-describedby=(reason_id) { "Deploy" }
-                    p.refusal id=(reason_id) data-error=(r.error) { (r.message) }
+                    p.refusal id=(reason_id) data-error=(r.error) { (refusal_words(r, environment, freeze_reason)) }
                 },
             }
         }
