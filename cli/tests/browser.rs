@@ -533,6 +533,11 @@ async fn a_release_ships_to_staging_and_production_through_the_dashboard() {
     deploy_enabled(&b, "staging", &rc3).await;
     assert!(!b.exists("#flash").await);
     b.screenshot_full("08-grid").await;
+    let overflow = b.on_a_phone("08-grid-phone").await;
+    assert!(
+        overflow <= 0,
+        "on a phone the project page is {overflow} px wider than the screen"
+    );
 
     // Freeze staging from its page.
     let link = format!("{} a.environment-link", env_section("staging"));

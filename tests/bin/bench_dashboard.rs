@@ -120,7 +120,7 @@ async fn main() {
         if i % 3 == 0 {
             envs.push("staging");
         }
-        if i % 10 == 0 {
+        if i % 9 == 0 {
             envs.push("production");
         }
         for env in envs {

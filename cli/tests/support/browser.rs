@@ -150,6 +150,30 @@ impl Browser {
         path
     }
 
+    /// The page at a phone's size (390 x 844 CSS pixels): saves a whole-page screenshot and
+    /// returns how much wider than the window the document is (0 when nothing needs sideways
+    /// scrolling of the page itself; wide tables scroll inside their own box). The window is set
+    /// back afterwards.
+    pub async fn on_a_phone(&self, file: &str) -> i64 {
+        let (w, h) = self.client.get_window_size().await.unwrap();
+        self.client.set_window_size(390, 844).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let overflow = self
+            .js(
+                "return document.documentElement.scrollWidth - window.innerWidth;",
+                vec![],
+            )
+            .await
+            .as_i64()
+            .unwrap_or(i64::MAX);
+        self.screenshot_full(file).await;
+        self.client
+            .set_window_size(w as u32, h as u32)
+            .await
+            .unwrap();
+        overflow
+    }
+
     /// Like [`Browser::screenshot`], of the whole page: the window is made as tall as the
     /// document for the picture, then set back.
     pub async fn screenshot_full(&self, file: &str) -> PathBuf {

@@ -211,16 +211,26 @@ impl Kv for SqliteKv {
                 Order::Ascending => (">", "ASC"),
                 Order::Descending => ("<", "DESC"),
             };
-            let after_clause = if after.is_some() { format!("AND sk {cmp} ?5") } else { "AND ?5 IS NULL".into() };
+            let after_clause = if after.is_some() {
+                format!("AND sk {cmp} ?5")
+            } else {
+                "AND ?5 IS NULL".into()
+            };
             // Sort keys compare as UTF-8 bytes (SQLite's BINARY collation), as DynamoDB's do.
+            // The range [prefix, prefix + U+10FFFF) lets SQLite seek the primary key to the
+            // prefix instead of reading the whole partition; `substr` keeps the match exact.
             let sql = format!(
                 "SELECT pk, sk, rev, doc, expires_at FROM items
-                 WHERE pk = ?1 AND substr(sk, 1, length(?2)) = ?2 AND (expires_at IS NULL OR expires_at > ?3)
+                 WHERE pk = ?1 AND sk >= ?2 AND sk < ?2 || char(1114111)
+                   AND substr(sk, 1, length(?2)) = ?2 AND (expires_at IS NULL OR expires_at > ?3)
                  {after_clause} ORDER BY sk {dir} LIMIT ?4"
             );
             let mut stmt = conn.prepare_cached(&sql).map_err(unavailable)?;
             let rows = stmt
-                .query_map(params![pk, prefix, now_epoch(), limit as i64, after], row_to_item)
+                .query_map(
+                    params![pk, prefix, now_epoch(), limit as i64, after],
+                    row_to_item,
+                )
                 .map_err(unavailable)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(unavailable)
         })
