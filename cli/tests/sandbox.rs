@@ -164,7 +164,7 @@ fn exit_plays_the_whole_story_and_says_what_happened() {
     }
 
     // Build #1: INPROGRESS then FAILED on its commit, posted to the simulated Bitbucket.
-    let step2 = line_with(&out, 0, &["[2/7]"]);
+    let step2 = line_with(&out, 0, &["[2/8]"]);
     let inprogress = line_with(&out, step2, &["Bitbucket received: INPROGRESS", "Web #1"]);
     let failed = line_with(&out, inprogress, &["Bitbucket received: FAILED", "Web #1"]);
     line_with(
@@ -173,10 +173,10 @@ fn exit_plays_the_whole_story_and_says_what_happened() {
         &["[ok] commit 4e1f0c9: Bitbucket shows INPROGRESS, then FAILED"],
     );
     // Build #2: SUCCESSFUL after it.
-    let step3 = line_with(&out, failed, &["[3/7]"]);
+    let step3 = line_with(&out, failed, &["[3/8]"]);
     line_with(&out, step3, &["Bitbucket received: SUCCESSFUL", "Web #2"]);
     // Build #3: no webhook, the poll loop reported it.
-    let step4 = line_with(&out, step3, &["[4/7]"]);
+    let step4 = line_with(&out, step3, &["[4/8]"]);
     line_with(&out, step4, &["[ok] the poll loop found build #3"]);
 
     // The release build's variables, with values.
@@ -202,7 +202,13 @@ fn exit_plays_the_whole_story_and_says_what_happened() {
     );
 
     // The summary and the commands to paste.
-    let summary = line_with(&out, step4, &["[7/7] What kitebridge did"]);
+    let step7 = line_with(&out, step4, &["[7/8] The dashboard shows what runs where"]);
+    line_with(
+        &out,
+        step7,
+        &["[ok] the dashboard shows 0.1.0-rc1 in staging, ready for production"],
+    );
+    let summary = line_with(&out, step7, &["[8/8] What kitebridge did"]);
     line_with(
         &out,
         summary,

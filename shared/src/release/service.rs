@@ -561,6 +561,32 @@ impl ReleaseService {
         Ok(next_as_id(page, "RELEASES#"))
     }
 
+    /// A page of releases with their candidates (oldest first), as the dashboard lists them:
+    /// one read of the releases and one of each release's candidates.
+    pub async fn releases_with_candidates(
+        &self,
+        project: &str,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<(Release, Vec<Candidate>)>> {
+        let page = self.list_releases(project, cursor, limit).await?;
+        let mut items = Vec::with_capacity(page.items.len());
+        for r in page.items {
+            let candidates = self
+                .store
+                .candidates(project, &r.version)
+                .await?
+                .into_iter()
+                .map(|c| c.value.answered())
+                .collect();
+            items.push((r, candidates));
+        }
+        Ok(Page {
+            items,
+            next: page.next,
+        })
+    }
+
     /// A release and its candidates (oldest first).
     pub async fn release(&self, project: &str, version: &str) -> Result<(Release, Vec<Candidate>)> {
         self.project(project).await?;

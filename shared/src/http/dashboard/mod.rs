@@ -31,7 +31,6 @@ use self::session::{
 };
 use super::RawBody;
 use super::health::{HealthState, assess};
-use crate::release::model::{Candidate, Release};
 use crate::release::state::rollback_target;
 use crate::release::version::Bump;
 use crate::release::{
@@ -52,6 +51,8 @@ pub const FORM_MAX_BODY: usize = 16 << 10;
 const RELEASES_PER_PAGE: usize = 10;
 const DEPLOYMENTS_PER_PAGE: usize = 25;
 const PROJECTS_PER_PAGE: usize = 50;
+/// How long a wrong token waits for its answer.
+const FAILED_SIGN_IN_PAUSE: std::time::Duration = std::time::Duration::from_millis(400);
 /// A flash message is cut to this many characters (it travels in a cookie).
 const FLASH_MAX: usize = 600;
 
@@ -452,6 +453,8 @@ async fn sign_in(
     }
     if !state.sessions.token_matches(form.token.trim()) {
         tracing::warn!("dashboard sign-in refused: wrong token");
+        // Guessing costs time: a wrong token is answered only after a pause.
+        tokio::time::sleep(FAILED_SIGN_IN_PAUSE).await;
         return sign_in_answer(
             &state,
             &headers,
@@ -543,14 +546,9 @@ async fn project(
         let cursor = q.cursor.as_deref().filter(|c| !c.is_empty());
         let page = state
             .service
-            .list_releases(&name, cursor, RELEASES_PER_PAGE)
+            .releases_with_candidates(&name, cursor, RELEASES_PER_PAGE)
             .await?;
-        let mut releases: Vec<(Release, Vec<Candidate>)> = Vec::with_capacity(page.items.len());
-        for r in page.items {
-            let (r, cs) = state.service.release(&name, &r.version).await?;
-            releases.push((r, cs));
-        }
-        Ok::<_, ReleaseError>((p, overview, releases, page.next))
+        Ok::<_, ReleaseError>((p, overview, page.items, page.next))
     };
     match read.await {
         Ok((p, overview, releases, next)) => {
