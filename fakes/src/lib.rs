@@ -65,8 +65,9 @@ mod webhook;
 
 pub use bitbucket::{
     BitbucketFlavour, Credential, DEFAULT_BITBUCKET_PASSWORD, DEFAULT_BITBUCKET_TOKEN,
-    DEFAULT_BITBUCKET_USER, FakeBitbucket, FakeBitbucketOptions, LengthUnit, PostedStatus,
-    StatusScope, TokenBucket,
+    DEFAULT_BITBUCKET_USER, FakeBitbucket, FakeBitbucketOptions, FakeCommit, FakePullRequest,
+    LengthUnit, PostedDeployment, PostedStatus, PullRequestState, StatusScope, StoredReport,
+    TokenBucket,
 };
 pub use buildkite::{
     ApiToken, Build, BuildState, DEFAULT_BUILDKITE_TOKEN, DEFAULT_ORGANIZATION, DEFAULT_PER_PAGE,
