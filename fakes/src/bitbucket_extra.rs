@@ -24,13 +24,15 @@ pub(super) enum ExtraRoute<'a> {
         slug: &'a str,
         commit: &'a str,
     },
-    /// `/rest/insights/{v}/projects/{p}/repos/{r}/commits/{c}/reports[/{key}[/annotations]]`.
+    /// `/rest/insights/{v}/projects/{p}/repos/{r}/commits/{c}/reports[/{key}[/annotations[/{externalId}]]]`
+    /// and `.../commits/{c}/annotations`.
     Insights {
         project: &'a str,
         slug: &'a str,
         commit: &'a str,
         key: Option<&'a str>,
-        annotations: bool,
+        /// `None`: the report(s); `Some(None)`: annotations; `Some(Some(id))`: one annotation.
+        annotations: Option<Option<&'a str>>,
     },
     /// `GET /rest/api/{v}/projects/{p}/repos/{r}/commits`.
     Commits { project: &'a str, slug: &'a str },
@@ -40,13 +42,14 @@ pub(super) enum ExtraRoute<'a> {
         slug: &'a str,
         commit: &'a str,
     },
-    /// `/2.0/repositories/{ws}/{slug}/commit/{c}/reports[/{id}[/annotations]]`.
+    /// `/2.0/repositories/{ws}/{slug}/commit/{c}/reports[/{id}[/annotations[/{annotationId}]]]`.
     CloudReports {
         ws: &'a str,
         slug: &'a str,
         commit: &'a str,
         id: Option<&'a str>,
-        annotations: bool,
+        /// As for `Insights`.
+        annotations: Option<Option<&'a str>>,
     },
     /// `GET /2.0/repositories/{ws}/{slug}/commits[/{revision}]`.
     CloudCommits {
@@ -65,9 +68,11 @@ pub(super) enum ExtraRoute<'a> {
 pub(super) fn route<'a>(flavour: &BitbucketFlavour, segs: &'a [&'a str]) -> Option<ExtraRoute<'a>> {
     let dc = matches!(flavour, BitbucketFlavour::DataCenter { .. });
     let cloud = matches!(flavour, BitbucketFlavour::Cloud);
+    // Bitbucket Server had the commits API and (from 5.15) Code Insights too.
+    let server_like = !cloud;
     let version = flavour.version();
     let deployments = dc && version >= Some((7, 16));
-    let insights = dc && version >= Some((5, 15));
+    let insights = server_like && version >= Some((5, 15));
     let v = |v: &str| v == "1.0" || v == "latest";
     use ExtraRoute as R;
     Some(match segs {
@@ -100,7 +105,7 @@ pub(super) fn route<'a>(flavour: &BitbucketFlavour, segs: &'a [&'a str]) -> Opti
             "repos",
             slug,
             "commits",
-        ] if dc && v(ver) => R::Commits { project, slug },
+        ] if server_like && v(ver) => R::Commits { project, slug },
         [
             "rest",
             "api",
@@ -112,7 +117,7 @@ pub(super) fn route<'a>(flavour: &BitbucketFlavour, segs: &'a [&'a str]) -> Opti
             "commits",
             commit,
             "pull-requests",
-        ] if dc && v(ver) => R::CommitPullRequests {
+        ] if server_like && v(ver) => R::CommitPullRequests {
             project,
             slug,
             commit,
@@ -130,9 +135,11 @@ pub(super) fn route<'a>(flavour: &BitbucketFlavour, segs: &'a [&'a str]) -> Opti
             rest @ ..,
         ] if insights && v(ver) => {
             let (key, annotations) = match rest {
-                ["reports"] => (None, false),
-                ["reports", key] => (Some(*key), false),
-                ["reports", key, "annotations"] => (Some(*key), true),
+                ["reports"] => (None, None),
+                ["reports", key] => (Some(*key), None),
+                ["reports", key, "annotations"] => (Some(*key), Some(None)),
+                ["reports", key, "annotations", ext] => (Some(*key), Some(Some(*ext))),
+                ["annotations"] => (None, Some(None)),
                 _ => return None,
             };
             R::Insights {
@@ -145,9 +152,10 @@ pub(super) fn route<'a>(flavour: &BitbucketFlavour, segs: &'a [&'a str]) -> Opti
         }
         ["2.0", "repositories", ws, slug, "commit", commit, rest @ ..] if cloud => {
             let (id, annotations) = match rest {
-                ["reports"] => (None, false),
-                ["reports", id] => (Some(*id), false),
-                ["reports", id, "annotations"] => (Some(*id), true),
+                ["reports"] => (None, None),
+                ["reports", id] => (Some(*id), None),
+                ["reports", id, "annotations"] => (Some(*id), Some(None)),
+                ["reports", id, "annotations", ann] => (Some(*id), Some(Some(*ann))),
                 ["pullrequests"] => return Some(R::CloudCommitPullRequests { ws, slug, commit }),
                 _ => return None,
             };

@@ -298,7 +298,7 @@ impl Inner {
         slug: &str,
         commit: &str,
         key: Option<&str>,
-        annotations: bool,
+        annotations: Option<Option<&str>>,
         method: &Method,
         query: &[(String, String)],
         body: &[u8],
@@ -313,6 +313,9 @@ impl Inner {
                 return not_allowed();
             }
             let id = self.report_id(project, slug, commit, "");
+            if annotations.is_some() {
+                return self.dc_commit_annotations(&id, query);
+            }
             let page_key = format!("insights/{}/{}/{}", id.0.0, id.0.1, id.1);
             return self.dc_page(self.reports_for_commit(&id), query, &page_key);
         };
@@ -334,10 +337,42 @@ impl Inner {
                 "com.atlassian.bitbucket.AuthorisationException",
             )
         };
-        if annotations {
+        if let Some(one) = annotations {
             let Some(report) = existing else {
                 return not_found();
             };
+            if let Some(ext) = one {
+                // PUT .../annotations/{externalId} (create or replace), DELETE one.
+                return match *method {
+                    Method::PUT => {
+                        if report.creator != user {
+                            return dc_error(
+                                StatusCode::UNAUTHORIZED,
+                                "Only the creator of a report may add annotations to it",
+                                "com.atlassian.bitbucket.AuthorisationException",
+                            );
+                        }
+                        let mut a = match parse_dc_body(body) {
+                            Ok(o) => Value::Object(o),
+                            Err(r) => return r,
+                        };
+                        a["externalId"] = json!(ext);
+                        self.dc_annotations_add(id, vec![a], Some(ext))
+                    }
+                    Method::DELETE => {
+                        if report.creator != user && !self.is_admin(user) {
+                            return forbidden("delete this annotation");
+                        }
+                        if let Some(list) = lock(&self.extra).annotations.get_mut(&id) {
+                            list.retain(|a| {
+                                a.get("externalId").and_then(Value::as_str) != Some(ext)
+                            });
+                        }
+                        StatusCode::NO_CONTENT.into_response()
+                    }
+                    _ => not_allowed(),
+                };
+            }
             return match *method {
                 Method::POST => {
                     if report.creator != user {
@@ -466,6 +501,17 @@ impl Inner {
                 )]);
             }
         };
+        self.dc_annotations_add(id, list, None)
+    }
+
+    /// Validate and store `list`; `replace`: the externalId whose annotations it replaces
+    /// (PUT of one annotation).
+    fn dc_annotations_add(
+        &self,
+        id: ReportId,
+        list: Vec<Value>,
+        replace: Option<&str>,
+    ) -> Response {
         let unit = self.opts.length_unit;
         let mut errors = Vec::new();
         for (i, a) in list.iter().enumerate() {
@@ -498,6 +544,9 @@ impl Inner {
             return validation_failed(&errors);
         }
         let mut store = lock(&self.extra);
+        if let (Some(ext), Some(list)) = (replace, store.annotations.get_mut(&id)) {
+            list.retain(|a| a.get("externalId").and_then(Value::as_str) != Some(ext));
+        }
         let have = store.annotations.get(&id).map_or(0, Vec::len);
         let max = self.opts.max_annotations_per_report;
         if have + list.len() > max {
@@ -517,6 +566,45 @@ impl Inner {
         StatusCode::NO_CONTENT.into_response()
     }
 
+    /// `GET .../commits/{c}/annotations?key=&severity=&type=&path=&externalId=` (all repeatable).
+    fn dc_commit_annotations(&self, id: &ReportId, query: &[(String, String)]) -> Response {
+        let wanted = |k: &str| -> Vec<&str> {
+            query
+                .iter()
+                .filter(|(n, _)| n == k)
+                .map(|(_, v)| v.as_str())
+                .collect()
+        };
+        let filters = [
+            ("reportKey", wanted("key")),
+            ("severity", wanted("severity")),
+            ("type", wanted("type")),
+            ("path", wanted("path")),
+            ("externalId", wanted("externalId")),
+        ];
+        let store = lock(&self.extra);
+        let mut keys: Vec<(&ReportId, u64)> = store
+            .annotations
+            .keys()
+            .filter(|(r, c, _)| *r == id.0 && *c == id.1)
+            .map(|k| (k, store.reports.get(k).map_or(u64::MAX, |r| r.seq)))
+            .collect();
+        keys.sort_by_key(|(_, seq)| *seq);
+        let list: Vec<Value> = keys
+            .into_iter()
+            .flat_map(|(k, _)| store.annotations.get(k).cloned().unwrap_or_default())
+            .filter(|a| {
+                filters.iter().all(|(field, vals)| {
+                    vals.is_empty()
+                        || a.get(*field)
+                            .and_then(Value::as_str)
+                            .is_some_and(|v| vals.contains(&v))
+                })
+            })
+            .collect();
+        axum::Json(json!({"totalCount": list.len(), "annotations": list})).into_response()
+    }
+
     // --- Cloud ------------------------------------------------------------------------------
 
     #[allow(clippy::too_many_arguments)]
@@ -526,7 +614,7 @@ impl Inner {
         slug: &str,
         commit: &str,
         report_id: Option<&str>,
-        annotations: bool,
+        annotations: Option<Option<&str>>,
         method: &Method,
         query: &[(String, String)],
         body: &[u8],
@@ -579,9 +667,12 @@ impl Inner {
                 None,
             )
         };
-        if annotations {
+        if let Some(one) = annotations {
             if existing.is_none() {
                 return not_found();
+            }
+            if let Some(ann) = one {
+                return self.cloud_annotation_one(id, ann, method, body);
             }
             return match *method {
                 Method::POST => self.cloud_annotations_post(id, body),
@@ -688,14 +779,104 @@ impl Inner {
                 return cloud_error(StatusCode::BAD_REQUEST, format!("Invalid JSON: {e}"), None);
             }
         };
-        if list.is_empty() || list.len() > 100 {
-            return cloud_bad_request(&[(
+        match self.cloud_annotations_add(id, list, true) {
+            Ok(list) => axum::Json(Value::Array(list)).into_response(),
+            Err(r) => r,
+        }
+    }
+
+    /// `GET|PUT|DELETE .../reports/{id}/annotations/{annotationId}` (the annotation's uuid or
+    /// external id).
+    fn cloud_annotation_one(
+        &self,
+        id: ReportId,
+        ann: &str,
+        method: &Method,
+        body: &[u8],
+    ) -> Response {
+        let matches = |a: &Value| {
+            a.get("uuid").and_then(Value::as_str) == Some(ann)
+                || a.get("external_id").and_then(Value::as_str) == Some(ann)
+        };
+        let not_found = || {
+            cloud_error(
+                StatusCode::NOT_FOUND,
+                format!("Annotation {ann} not found"),
+                None,
+            )
+        };
+        match *method {
+            Method::GET => {
+                let store = lock(&self.extra);
+                match store
+                    .annotations
+                    .get(&id)
+                    .and_then(|l| l.iter().find(|a| matches(a)))
+                {
+                    Some(a) => axum::Json(a.clone()).into_response(),
+                    None => not_found(),
+                }
+            }
+            Method::DELETE => {
+                let mut store = lock(&self.extra);
+                let Some(list) = store.annotations.get_mut(&id) else {
+                    return not_found();
+                };
+                let before = list.len();
+                list.retain(|a| !matches(a));
+                if list.len() == before {
+                    return not_found();
+                }
+                StatusCode::NO_CONTENT.into_response()
+            }
+            Method::PUT => {
+                let mut a = match serde_json::from_slice::<Value>(body) {
+                    Ok(v @ Value::Object(_)) => v,
+                    Ok(_) => {
+                        return cloud_error(
+                            StatusCode::BAD_REQUEST,
+                            "Expected a JSON object",
+                            None,
+                        );
+                    }
+                    Err(e) => {
+                        return cloud_error(
+                            StatusCode::BAD_REQUEST,
+                            format!("Invalid JSON: {e}"),
+                            None,
+                        );
+                    }
+                };
+                let existing_ext = lock(&self.extra)
+                    .annotations
+                    .get(&id)
+                    .and_then(|l| l.iter().find(|a| matches(a)).cloned())
+                    .and_then(|a| a.get("external_id").cloned());
+                a["external_id"] = existing_ext.unwrap_or_else(|| json!(ann));
+                match self.cloud_annotations_add(id, vec![a], false) {
+                    Ok(mut list) => axum::Json(list.pop().unwrap_or(Value::Null)).into_response(),
+                    Err(r) => r,
+                }
+            }
+            _ => cloud_error(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed", None),
+        }
+    }
+
+    /// Validate and upsert (by `external_id`) `list`; `batch`: a POST (1 to 100 items).
+    fn cloud_annotations_add(
+        &self,
+        id: ReportId,
+        list: Vec<Value>,
+        batch: bool,
+    ) -> Result<Vec<Value>, Response> {
+        if batch && (list.is_empty() || list.len() > 100) {
+            return Err(cloud_bad_request(&[(
                 "annotations".to_owned(),
                 format!(
                     "a request must carry between 1 and 100 annotations (it has {})",
                     list.len()
                 ),
-            )]);
+            )]));
         }
         let unit = super::LengthUnit::Chars;
         let mut errors = Vec::new();
@@ -751,7 +932,7 @@ impl Inner {
             errors.extend(prefixed(&ctx, e));
         }
         if !errors.is_empty() {
-            return cloud_bad_request(&errors);
+            return Err(cloud_bad_request(&errors));
         }
         let mut store = lock(&self.extra);
         let existing = store.annotations.get(&id).cloned().unwrap_or_default();
@@ -768,14 +949,14 @@ impl Inner {
             .count();
         let max = self.opts.max_annotations_per_report;
         if existing.len() + list.len() - replacing > max {
-            return cloud_bad_request(&[(
+            return Err(cloud_bad_request(&[(
                 "annotations".to_owned(),
                 format!(
                     "a report can have at most {max} annotations (it has {}); none of these {} was added",
                     existing.len(),
                     list.len()
                 ),
-            )]);
+            )]));
         }
         let now = Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
         let entry = store.annotations.entry(id.clone()).or_default();
@@ -806,7 +987,7 @@ impl Inner {
             }
             answered.push(a);
         }
-        axum::Json(Value::Array(answered)).into_response()
+        Ok(answered)
     }
 }
 

@@ -1658,3 +1658,213 @@ async fn extra_endpoints_need_credentials_and_count_against_the_rate_limit() {
     );
     assert_eq!(get(&bb, &cloud_report_url("x")).await.status(), 429);
 }
+
+#[tokio::test]
+async fn single_annotations_and_the_commit_annotation_search() {
+    let bb = FakeBitbucket::start(dc_version("8.19.0")).await;
+    bb.add_repository("PROJ", "web");
+    for key in ["r1", "r2"] {
+        assert_eq!(
+            send(&bb, Method::PUT, &report_url(key), Some(report()), false)
+                .await
+                .status(),
+            200
+        );
+    }
+    let ann = |key: &str| format!("{}/annotations", report_url(key));
+    assert_eq!(
+        send(
+            &bb,
+            Method::POST,
+            &ann("r1"),
+            Some(json!({"annotations": [annotation(1), annotation(2)]})),
+            false
+        )
+        .await
+        .status(),
+        204
+    );
+    let mut low = annotation(3);
+    low["severity"] = json!("LOW");
+    assert_eq!(
+        send(
+            &bb,
+            Method::POST,
+            &ann("r2"),
+            Some(json!({"annotations": [low]})),
+            false
+        )
+        .await
+        .status(),
+        204
+    );
+    // PUT one by externalId replaces it (create or replace), 204; creator only.
+    let mut changed = annotation(1);
+    changed["message"] = json!("changed");
+    assert_eq!(
+        send(
+            &bb,
+            Method::PUT,
+            &format!("{}/a1", ann("r1")),
+            Some(changed.clone()),
+            true
+        )
+        .await
+        .status(),
+        401
+    );
+    let r = send(
+        &bb,
+        Method::PUT,
+        &format!("{}/a1", ann("r1")),
+        Some(changed),
+        false,
+    )
+    .await;
+    assert_eq!(r.status(), 204);
+    let list = bb.annotations(SHA, "r1");
+    assert_eq!(list.len(), 2);
+    assert!(
+        list.iter()
+            .any(|a| a["message"] == "changed" && a["externalId"] == "a1")
+    );
+    let (s, ctx) = dc_err(
+        send(
+            &bb,
+            Method::PUT,
+            &format!("{}/a9", ann("r1")),
+            Some(json!({"message": "m"})),
+            false,
+        )
+        .await,
+    )
+    .await;
+    assert_eq!((s, ctx), (400, vec!["annotations[0].severity".to_owned()]));
+    // Commit-wide search with filters.
+    let base = format!("/rest/insights/latest/projects/PROJ/repos/web/commits/{SHA}/annotations");
+    let all = json_of(get(&bb, &base).await).await;
+    assert_eq!(all["annotations"].as_array().unwrap().len(), 3);
+    let high = json_of(get(&bb, &format!("{base}?severity=HIGH")).await).await;
+    assert_eq!(high["annotations"].as_array().unwrap().len(), 2);
+    let r2 = json_of(get(&bb, &format!("{base}?key=r2&key=nope")).await).await;
+    assert_eq!(r2["annotations"][0]["externalId"], "a3");
+    // DELETE one.
+    assert_eq!(
+        send(
+            &bb,
+            Method::DELETE,
+            &format!("{}/a2", ann("r1")),
+            None,
+            false
+        )
+        .await
+        .status(),
+        204
+    );
+    assert_eq!(bb.annotations(SHA, "r1").len(), 1);
+
+    // Cloud: GET / PUT / DELETE one annotation by uuid or external id.
+    let bb = FakeBitbucket::start(cloud()).await;
+    bb.add_repository("acme", "web");
+    assert_eq!(
+        send(
+            &bb,
+            Method::PUT,
+            &cloud_report_url("r"),
+            Some(cloud_report()),
+            false
+        )
+        .await
+        .status(),
+        200
+    );
+    let ann = format!("{}/annotations", cloud_report_url("r"));
+    let r = send(
+        &bb,
+        Method::POST,
+        &ann,
+        Some(json!([{"external_id": "e1", "summary": "one", "line": 3}])),
+        false,
+    )
+    .await;
+    let uuid = json_of(r).await[0]["uuid"].as_str().unwrap().to_owned();
+    let one = json_of(get(&bb, &format!("{ann}/{uuid}")).await).await;
+    assert_eq!(one["summary"], "one");
+    assert_eq!(get(&bb, &format!("{ann}/e1")).await.status(), 200);
+    let r = send(
+        &bb,
+        Method::PUT,
+        &format!("{ann}/e1"),
+        Some(json!({"summary": "two"})),
+        false,
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(json_of(r).await["uuid"], uuid.as_str());
+    assert_eq!(
+        cloud_err(
+            send(
+                &bb,
+                Method::PUT,
+                &format!("{ann}/e1"),
+                Some(json!({"summary": "s", "line": 0})),
+                false
+            )
+            .await
+        )
+        .await
+        .0,
+        400
+    );
+    let r = send(
+        &bb,
+        Method::PUT,
+        &format!("{ann}/e2"),
+        Some(json!({"summary": "new"})),
+        false,
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(bb.annotations(SHA, "r").len(), 2);
+    assert_eq!(
+        send(&bb, Method::DELETE, &format!("{ann}/{uuid}"), None, false)
+            .await
+            .status(),
+        204
+    );
+    assert_eq!(cloud_err(get(&bb, &format!("{ann}/e1")).await).await.0, 404);
+    assert_eq!(bb.annotations(SHA, "r").len(), 1);
+}
+
+#[tokio::test]
+async fn bitbucket_server_has_commits_and_code_insights_but_no_deployments() {
+    let mut opts = dc_version("0");
+    opts.flavour = BitbucketFlavour::Server {
+        version: "6.10.0".into(),
+    };
+    let bb = FakeBitbucket::start(opts).await;
+    bb.add_commits("PROJ", "web", graph());
+    assert_eq!(
+        dc_ids(&bb, &format!("since={}", sha(3))).await,
+        [sha(6), sha(5), sha(4)]
+    );
+    assert_eq!(
+        send(&bb, Method::PUT, &report_url("k"), Some(report()), false)
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        send(
+            &bb,
+            Method::POST,
+            &deployments(SHA),
+            Some(deployment("SUCCESSFUL", 1)),
+            false
+        )
+        .await
+        .status(),
+        404
+    );
+    assert_eq!(get(&bb, "/rest/capabilities").await.status(), 404);
+}
