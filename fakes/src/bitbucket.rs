@@ -23,6 +23,8 @@ mod deploy;
 mod extra;
 #[path = "bitbucket_insights.rs"]
 mod insights;
+#[path = "bitbucket_required.rs"]
+mod required;
 
 pub use commits::{FakeCommit, FakePullRequest, PullRequestState};
 pub use deploy::PostedDeployment;

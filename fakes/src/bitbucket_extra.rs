@@ -34,6 +34,14 @@ pub(super) enum ExtraRoute<'a> {
         /// `None`: the report(s); `Some(None)`: annotations; `Some(Some(id))`: one annotation.
         annotations: Option<Option<&'a str>>,
     },
+    /// `/rest/required-builds/{v}/projects/{p}/repos/{r}/condition[/{id}]` and `.../conditions`
+    /// (Data Center 7.14+).
+    RequiredBuilds {
+        project: &'a str,
+        slug: &'a str,
+        id: Option<&'a str>,
+        list: bool,
+    },
     /// `GET /rest/api/{v}/projects/{p}/repos/{r}/commits`.
     Commits { project: &'a str, slug: &'a str },
     /// `GET /rest/api/{v}/projects/{p}/repos/{r}/commits/{c}/pull-requests`.
@@ -167,6 +175,29 @@ pub(super) fn route<'a>(flavour: &BitbucketFlavour, segs: &'a [&'a str]) -> Opti
                 annotations,
             }
         }
+        [
+            "rest",
+            "required-builds",
+            ver,
+            "projects",
+            project,
+            "repos",
+            slug,
+            rest @ ..,
+        ] if dc && version >= Some((7, 14)) && v(ver) => {
+            let (id, list) = match rest {
+                ["condition"] => (None, false),
+                ["condition", id] => (Some(*id), false),
+                ["conditions"] => (None, true),
+                _ => return None,
+            };
+            R::RequiredBuilds {
+                project,
+                slug,
+                id,
+                list,
+            }
+        }
         ["2.0", "repositories", ws, slug, "commits"] if cloud => R::CloudCommits {
             ws,
             slug,
@@ -212,6 +243,8 @@ pub(super) struct ExtraStore {
     pub(super) cloud_tokens: HashMap<String, (String, usize)>,
     /// Cloud "PRs for a commit" requests answered 202 so far, per (repository, commit).
     pub(super) pr_index_polls: HashMap<(RepoId, String), u32>,
+    /// Required-builds conditions, per repository, in creation order.
+    pub(super) required_builds: Vec<(RepoId, Value)>,
     /// Commits whose pull-request index is ready.
     pub(super) pr_indexed: HashSet<(RepoId, String)>,
 }
@@ -295,6 +328,17 @@ impl Inner {
                     body,
                     user,
                 )
+            }
+            R::RequiredBuilds {
+                project,
+                slug,
+                id,
+                list,
+            } => {
+                if let Err(r) = self.check_repo(project, slug) {
+                    return r;
+                }
+                self.required_builds(project, slug, id, list, method, query, body, user)
             }
             R::Commits { project, slug } if *method == Method::GET => {
                 if let Err(r) = self.check_repo(project, slug) {

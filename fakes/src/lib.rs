@@ -49,6 +49,10 @@
 //!     title ≤450, details ≤2000, reporter ≤450, result PASS/FAIL, ≤6 typed `data` items, http(s)
 //!     links, only the creator replaces (401), ≤1000 annotations per report (a batch over it is
 //!     refused whole), no de-duplication, DELETE cascades.
+//!   - Data Center 7.14+ **required builds** (`/rest/required-builds/.../condition[/{id}]`,
+//!     `.../conditions`): 1–100 non-blank `buildParentKeys`, `refMatcher` required, matcher
+//!     types enum, changes for repository admins only (401)
+//!     ([`FakeBitbucket::required_build_conditions`]).
 //!   - Cloud **commit reports** (`/2.0/.../commit/{c}/reports...`): result PASSED/FAILED/PENDING,
 //!     `report_type` enum, ≤10 `data` items (LINK `text`), annotation batches of 1–100 as a JSON
 //!     array, ≤1000 per report, `summary` ≤450, severity/type/result enums, `line` ≥1, no

@@ -1868,3 +1868,146 @@ async fn bitbucket_server_has_commits_and_code_insights_but_no_deployments() {
     );
     assert_eq!(get(&bb, "/rest/capabilities").await.status(), 404);
 }
+
+#[tokio::test]
+async fn required_builds_conditions() {
+    let bb = FakeBitbucket::start(dc_version("8.19.0")).await;
+    bb.add_repository("PROJ", "web");
+    let base = "/rest/required-builds/latest/projects/PROJ/repos/web";
+    let ok = json!({
+        "buildParentKeys": ["BK-web"],
+        "refMatcher": {"id": "refs/heads/main", "type": {"id": "BRANCH"}},
+        "exemptRefMatcher": {"id": "release/*", "type": {"id": "PATTERN"}},
+    });
+    // Repository admin only.
+    assert_eq!(
+        dc_err(
+            send(
+                &bb,
+                Method::POST,
+                &format!("{base}/condition"),
+                Some(ok.clone()),
+                true
+            )
+            .await
+        )
+        .await
+        .0,
+        401
+    );
+    let r = send(
+        &bb,
+        Method::POST,
+        &format!("{base}/condition"),
+        Some(ok.clone()),
+        false,
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let id = json_of(r).await["id"].as_u64().unwrap();
+    let bad: Vec<(&str, Edit)> = vec![
+        (
+            "buildParentKeys",
+            Box::new(|b| b["buildParentKeys"] = json!([])),
+        ),
+        (
+            "buildParentKeys",
+            Box::new(|b| {
+                b["buildParentKeys"] = json!((0..101).map(|i| format!("k{i}")).collect::<Vec<_>>())
+            }),
+        ),
+        (
+            "refMatcher",
+            Box::new(|b| {
+                b.as_object_mut().unwrap().remove("refMatcher");
+            }),
+        ),
+        (
+            "refMatcher.type.id",
+            Box::new(|b| b["refMatcher"]["type"]["id"] = json!("TAG")),
+        ),
+        (
+            "exemptRefMatcher.type.id",
+            Box::new(|b| b["exemptRefMatcher"]["type"] = json!({})),
+        ),
+    ];
+    for (ctx, f) in bad {
+        let mut b = ok.clone();
+        f(&mut b);
+        let (s, got) = dc_err(
+            send(
+                &bb,
+                Method::POST,
+                &format!("{base}/condition"),
+                Some(b),
+                false,
+            )
+            .await,
+        )
+        .await;
+        assert_eq!((s, got), (400, vec![ctx.to_owned()]));
+    }
+    let mut changed = ok.clone();
+    changed["buildParentKeys"] = json!(["BK-web", "BK-lint"]);
+    assert_eq!(
+        send(
+            &bb,
+            Method::PUT,
+            &format!("{base}/condition/{id}"),
+            Some(changed),
+            false
+        )
+        .await
+        .status(),
+        200
+    );
+    assert_eq!(
+        send(
+            &bb,
+            Method::PUT,
+            &format!("{base}/condition/999999"),
+            Some(ok.clone()),
+            false
+        )
+        .await
+        .status(),
+        404
+    );
+    // Anyone with read access lists them (paged).
+    let list =
+        json_of(send(&bb, Method::GET, &format!("{base}/conditions"), None, true).await).await;
+    assert_eq!(
+        list["values"][0]["buildParentKeys"],
+        json!(["BK-web", "BK-lint"])
+    );
+    assert_eq!(list["isLastPage"], true);
+    assert_eq!(bb.required_build_conditions("proj", "web").len(), 1);
+    assert_eq!(
+        dc_err(
+            send(
+                &bb,
+                Method::DELETE,
+                &format!("{base}/condition/{id}"),
+                None,
+                true
+            )
+            .await
+        )
+        .await
+        .0,
+        401
+    );
+    assert_eq!(
+        send(
+            &bb,
+            Method::DELETE,
+            &format!("{base}/condition/{id}"),
+            None,
+            false
+        )
+        .await
+        .status(),
+        204
+    );
+    assert!(bb.required_build_conditions("PROJ", "web").is_empty());
+}
