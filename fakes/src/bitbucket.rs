@@ -1,4 +1,7 @@
-//! A simulated Bitbucket (Server, Data Center or Cloud): the three build-status APIs.
+//! A simulated Bitbucket (Server, Data Center or Cloud): the three build-status APIs here; Data
+//! Center deployments, Code Insights, required builds, Cloud commit reports and the changelog
+//! sources (commit listings, pull requests for a commit) in the `bitbucket_*.rs` modules beside
+//! this file, routed from [`dispatch`] through the same credentials, rate limit and error bodies.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
