@@ -218,10 +218,7 @@ impl Inner {
         }
         let repo = self.repo_key(project, slug);
         let commits = self.repo_commits(&repo);
-        let known = |id: &str| {
-            let id = id.to_ascii_lowercase();
-            commits.iter().any(|c| c.id == id).then_some(id)
-        };
+        let known = |rev: &str| self.cloud_resolve(&repo, &commits, rev);
         let mut missing = false;
         let until = match param("until") {
             Some(u) => match known(u) {
@@ -353,10 +350,11 @@ impl Inner {
         })
     }
 
-    /// A Cloud revision: a commit SHA (full or a unique prefix of 7+) or a pull request's source
-    /// branch name (its last commit).
+    /// A revision: a commit SHA (full or a unique prefix of 7+) or a pull request's source
+    /// branch (`name` or `refs/heads/name`; its last commit).
     fn cloud_resolve(&self, repo: &RepoId, commits: &[FakeCommit], rev: &str) -> Option<String> {
         let r = rev.to_ascii_lowercase();
+        let branch = rev.strip_prefix("refs/heads/").unwrap_or(rev);
         if r.len() >= 7 {
             let found: Vec<&FakeCommit> = commits.iter().filter(|c| c.id.starts_with(&r)).collect();
             if let [one] = found.as_slice() {
@@ -366,7 +364,7 @@ impl Inner {
         self.repo_prs(repo)
             .iter()
             .rev()
-            .find(|p| p.from_branch == rev)
+            .find(|p| p.from_branch == branch)
             .and_then(|p| p.commits.last().cloned())
     }
 

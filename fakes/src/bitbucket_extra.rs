@@ -368,11 +368,21 @@ impl Inner {
                 }
                 self.cloud_reports(ws, slug, commit, id, annotations, method, query, body, user)
             }
-            R::CloudCommits { ws, slug, revision } if *method == Method::GET => {
+            R::CloudCommits { ws, slug, revision }
+                if *method == Method::GET || *method == Method::POST =>
+            {
                 if let Err(r) = self.check_repo(ws, slug) {
                     return r;
                 }
-                self.cloud_commits(ws, slug, revision, query, path)
+                // POST: the same query as a form body (for long include/exclude lists).
+                let mut all = query.to_vec();
+                if *method == Method::POST {
+                    all.extend(
+                        url::form_urlencoded::parse(body)
+                            .map(|(k, v)| (k.into_owned(), v.into_owned())),
+                    );
+                }
+                self.cloud_commits(ws, slug, revision, &all, path)
             }
             R::CloudCommitPullRequests { ws, slug, commit } if *method == Method::GET => {
                 if let Err(r) = self.check_repo(ws, slug) {

@@ -2011,3 +2011,54 @@ async fn required_builds_conditions() {
     );
     assert!(bb.required_build_conditions("PROJ", "web").is_empty());
 }
+
+#[tokio::test]
+async fn revisions_may_be_branches_and_cloud_accepts_a_form_post() {
+    let bb = FakeBitbucket::start(dc_version("8.19.0")).await;
+    bb.add_commits("PROJ", "web", graph());
+    bb.add_pull_request(
+        "PROJ",
+        "web",
+        FakePullRequest {
+            id: 1,
+            title: "Docs".into(),
+            state: PullRequestState::Open,
+            from_branch: "feature/docs".into(),
+            to_branch: "main".into(),
+            commits: vec![sha(4)],
+        },
+    );
+    assert_eq!(
+        dc_ids(&bb, "until=refs/heads/feature/docs").await,
+        [sha(4), sha(1)]
+    );
+    assert_eq!(
+        dc_ids(&bb, &format!("until={}&since={}", &sha(3)[..12], sha(2))).await,
+        [sha(3)]
+    );
+
+    let bb = FakeBitbucket::start(cloud()).await;
+    bb.add_commits("acme", "web", graph());
+    let r = client()
+        .post(format!("{}/2.0/repositories/acme/web/commits", bb.url()))
+        .basic_auth(DEFAULT_BITBUCKET_USER, Some(DEFAULT_BITBUCKET_PASSWORD))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!(
+            "include={}&exclude={}&exclude={}",
+            sha(5),
+            sha(3),
+            sha(1)
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v = json_of(r).await;
+    let ids: Vec<&str> = v["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["hash"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [sha(5), sha(4)]);
+}
