@@ -1,4 +1,7 @@
-//! A simulated Bitbucket (Server, Data Center or Cloud): the three build-status APIs.
+//! A simulated Bitbucket (Server, Data Center or Cloud): the three build-status APIs here; Data
+//! Center deployments, Code Insights, required builds, Cloud commit reports and the changelog
+//! sources (commit listings, pull requests for a commit) in the `bitbucket_*.rs` modules beside
+//! this file, routed from [`dispatch`] through the same credentials, rate limit and error bodies.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -14,6 +17,21 @@ use serde_json::{Map, Value, json};
 use crate::common::{
     Harness, Server, base64_decode, harness_controls, lock, query_pairs, read_body, segments,
 };
+
+#[path = "bitbucket_commits.rs"]
+mod commits;
+#[path = "bitbucket_deploy.rs"]
+mod deploy;
+#[path = "bitbucket_extra.rs"]
+mod extra;
+#[path = "bitbucket_insights.rs"]
+mod insights;
+#[path = "bitbucket_required.rs"]
+mod required;
+
+pub use commits::{FakeCommit, FakePullRequest, PullRequestState};
+pub use deploy::PostedDeployment;
+pub use insights::StoredReport;
 
 /// Username of the Basic credential [`FakeBitbucketOptions::default`] accepts.
 pub const DEFAULT_BITBUCKET_USER: &str = "kitebridge";
@@ -143,6 +161,23 @@ pub struct FakeBitbucketOptions {
     pub latency: Duration,
     /// How long a [`Fault::Hang`](crate::Fault::Hang) lasts (default 600 s).
     pub hang_for: Duration,
+    /// Who is a repository admin (may DELETE deployments, and reports or annotations they did
+    /// not create): usernames, or access tokens as given in `credentials`. `None` (the
+    /// default): every accepted credential is.
+    pub admins: Option<Vec<String>>,
+    /// Data Center 7.16+: start with deployments switched off, as with the property
+    /// `plugin.deployment.capability.disabled` (404 for the deployment endpoints, no
+    /// `deployment` in `/rest/capabilities`). Default false; see
+    /// [`FakeBitbucket::set_deployments_enabled`].
+    pub deployments_disabled: bool,
+    /// Data Center paged listings (commits, pull requests for a commit, insight reports):
+    /// the hard cap `limit` is clamped to (default 100, as `page.max.commits`).
+    pub max_page_limit: usize,
+    /// Annotations a report may hold (Code Insights and Cloud; default 1000).
+    pub max_annotations_per_report: usize,
+    /// Cloud `GET .../commit/{commit}/pullrequests`: how many times each commit is answered 202
+    /// (still indexing) before its pull requests are served (default 1).
+    pub cloud_pr_index_polls: u32,
 }
 
 impl Default for FakeBitbucketOptions {
@@ -163,6 +198,11 @@ impl Default for FakeBitbucketOptions {
             length_unit: LengthUnit::Utf16,
             latency: Duration::ZERO,
             hang_for: Duration::from_secs(600),
+            admins: None,
+            deployments_disabled: false,
+            max_page_limit: 100,
+            max_annotations_per_report: 1000,
+            cloud_pr_index_polls: 1,
         }
     }
 }
@@ -239,6 +279,8 @@ struct Inner {
     opts: FakeBitbucketOptions,
     base: String,
     store: Mutex<Store>,
+    /// Deployments, insights, reports, commit graphs and paging state.
+    extra: Mutex<extra::ExtraStore>,
 }
 
 /// A simulated Bitbucket on 127.0.0.1, serving until dropped.
@@ -272,10 +314,15 @@ impl FakeBitbucket {
         let mut slot = None;
         let server = Server::start(
             |base| {
+                let extra = Mutex::new(extra::ExtraStore {
+                    deployments_disabled: opts.deployments_disabled,
+                    ..extra::ExtraStore::default()
+                });
                 let inner = Arc::new(Inner {
                     opts,
                     base,
                     store: Mutex::new(Store::default()),
+                    extra,
                 });
                 slot = Some(inner.clone());
                 Router::new().fallback(dispatch).with_state(inner)
@@ -348,6 +395,28 @@ impl FakeBitbucket {
         let mut store = lock(&self.inner.store);
         store.posts.clear();
         store.by_id.clear();
+    }
+
+    /// Every accepted deployment POST (Data Center 7.16+), oldest first.
+    pub fn deployments(&self) -> Vec<PostedDeployment> {
+        lock(&self.inner.extra).deployments.clone()
+    }
+
+    /// The latest POST of every deployment identity (repository, commit, `key`,
+    /// `environment.key`, `deploymentSequenceNumber`) not deleted since, oldest first.
+    pub fn current_deployments(&self) -> Vec<PostedDeployment> {
+        let store = lock(&self.inner.extra);
+        let mut idx: Vec<usize> = store.current_deployments.values().copied().collect();
+        idx.sort_unstable();
+        idx.into_iter()
+            .filter_map(|i| store.deployments.get(i).cloned())
+            .collect()
+    }
+
+    /// Switch Data Center deployments on or off (off: as an instance with
+    /// `plugin.deployment.capability.disabled`; the endpoints answer 404).
+    pub fn set_deployments_enabled(&self, enabled: bool) {
+        lock(&self.inner.extra).deployments_disabled = !enabled;
     }
 }
 
@@ -429,6 +498,8 @@ enum Route<'a> {
         repo: &'a str,
         commit: &'a str,
     },
+    /// Deployments, Code Insights, Cloud reports, changelog sources (`bitbucket_extra.rs`).
+    Extra(extra::ExtraRoute<'a>),
 }
 
 fn route<'a>(flavour: &BitbucketFlavour, segs: &'a [&'a str]) -> Option<Route<'a>> {
@@ -495,7 +566,7 @@ fn route<'a>(flavour: &BitbucketFlavour, segs: &'a [&'a str]) -> Option<Route<'a
             commit,
             "statuses",
         ] if !server_like => Some(Route::CloudList { ws, repo, commit }),
-        _ => None,
+        _ => extra::route(flavour, segs).map(Route::Extra),
     }
 }
 
@@ -518,6 +589,10 @@ async fn dispatch(State(inner): State<Arc<Inner>>, req: Request) -> Response {
     if let Route::AppProperties = route {
         // Readable without credentials, as on Bitbucket.
         return inner.app_properties();
+    }
+    if let Route::Extra(extra::ExtraRoute::Capabilities) = route {
+        // Readable without credentials too.
+        return inner.capabilities_index();
     }
     let user = match inner.authenticate(&parts.headers) {
         Ok(u) => u,
@@ -612,6 +687,7 @@ async fn dispatch(State(inner): State<Arc<Inner>>, req: Request) -> Response {
         Route::CloudList { ws, repo, commit } if method == Method::GET => {
             inner.cloud_list(ws, repo, commit, &query)
         }
+        Route::Extra(r) => inner.extra(r, &method, &query, &body, &user, parts.uri.path()),
         _ => not_allowed(),
     }
 }

@@ -35,6 +35,38 @@
 //!   `ref`, registered repositories (404; DC project keys case-insensitive), JSON content type
 //!   on Server/DC (415); same key on the same commit (and repository) replaces the status;
 //!   optional per-user token-bucket rate limit with 429 and `Retry-After`.
+//!   Beyond build statuses (`shared/reference/bitbucket-more.md` §1–4, §7), with the same
+//!   credentials, error bodies and rate limit:
+//!   - Data Center 7.16+ **deployments** (`.../commits/{id}/deployments` POST/GET/DELETE,
+//!     `/rest/capabilities` and `/rest/api/latest/deployment/capabilities`, switchable off):
+//!     all seven fields, 255/1024 lengths, state and `environment.type` enums, upsert on
+//!     (commit, key, environment key, sequence number), GET/DELETE by the three query
+//!     parameters, DELETE for [`FakeBitbucketOptions::admins`] only (401). Inspect with
+//!     [`FakeBitbucket::deployments`] / [`FakeBitbucket::current_deployments`]
+//!     ([`PostedDeployment`]).
+//!   - Server/Data Center 5.15+ **Code Insights** (reports PUT/GET/DELETE and list, annotations
+//!     POST 204/GET/DELETE, one annotation PUT/DELETE, commit-wide annotation search): key ≤50,
+//!     title ≤450, details ≤2000, reporter ≤450, result PASS/FAIL, ≤6 typed `data` items, http(s)
+//!     links, only the creator replaces (401), ≤1000 annotations per report (a batch over it is
+//!     refused whole), no de-duplication, DELETE cascades.
+//!   - Data Center 7.14+ **required builds** (`/rest/required-builds/.../condition[/{id}]`,
+//!     `.../conditions`): 1–100 non-blank `buildParentKeys`, `refMatcher` required, matcher
+//!     types enum, changes for repository admins only (401)
+//!     ([`FakeBitbucket::required_build_conditions`]).
+//!   - Cloud **commit reports** (`/2.0/.../commit/{c}/reports...`): result PASSED/FAILED/PENDING,
+//!     `report_type` enum, ≤10 `data` items (LINK `text`), annotation batches of 1–100 as a JSON
+//!     array, ≤1000 per report, `summary` ≤450, severity/type/result enums, `line` ≥1, no
+//!     localhost links. Both kinds: [`FakeBitbucket::reports`] ([`StoredReport`]),
+//!     [`FakeBitbucket::annotations`].
+//!   - **Changelog sources** over a graph given with [`FakeBitbucket::add_commits`]
+//!     ([`FakeCommit`]) and [`FakeBitbucket::add_pull_request`] ([`FakePullRequest`]): Server/DC
+//!     `GET .../commits` (`since` exclusive, `until` inclusive, `path`, `merges`,
+//!     `ignoreMissing`, 400 on unknown commits) and `.../commits/{id}/pull-requests`, paged with a
+//!     `limit` cap ([`FakeBitbucketOptions::max_page_limit`]) and a **non-contiguous**
+//!     `nextPageStart` (a `start` the fake did not issue is refused with 400); Cloud
+//!     `GET .../commits[/{revision}]` (`include`/`exclude`/`path`, opaque `next` tokens, no
+//!     `page`/`size`/`previous`, `pagelen` >100 refused) and `.../commit/{c}/pullrequests` (202
+//!     until indexed, [`FakeBitbucketOptions::cloud_pr_index_polls`]).
 //!
 //! Both fakes log every request ([`RequestRecord`]), can add latency to every answer, and can
 //! play [`Fault`]s (5xx, 429, hangs, dropped connections) for the next N requests or for a
@@ -65,8 +97,9 @@ mod webhook;
 
 pub use bitbucket::{
     BitbucketFlavour, Credential, DEFAULT_BITBUCKET_PASSWORD, DEFAULT_BITBUCKET_TOKEN,
-    DEFAULT_BITBUCKET_USER, FakeBitbucket, FakeBitbucketOptions, LengthUnit, PostedStatus,
-    StatusScope, TokenBucket,
+    DEFAULT_BITBUCKET_USER, FakeBitbucket, FakeBitbucketOptions, FakeCommit, FakePullRequest,
+    LengthUnit, PostedDeployment, PostedStatus, PullRequestState, StatusScope, StoredReport,
+    TokenBucket,
 };
 pub use buildkite::{
     ApiToken, Build, BuildState, DEFAULT_BUILDKITE_TOKEN, DEFAULT_ORGANIZATION, DEFAULT_PER_PAGE,
