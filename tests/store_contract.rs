@@ -822,6 +822,7 @@ fn project(name: &str) -> Project {
             requires: None,
             env: BTreeMap::new(),
         }],
+        repository: None,
         version_scheme: VersionScheme::Semver,
         env: BTreeMap::from([("REGION".to_string(), "eu".to_string())]),
         created_at: Utc::now(),

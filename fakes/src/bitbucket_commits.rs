@@ -395,6 +395,8 @@ impl Inner {
                 );
             }
         };
+        // Cloud may answer fewer than asked (its own cap): clients follow `next`.
+        let pagelen = pagelen.min(self.opts.max_page_limit.max(1));
         let repo = self.repo_key(ws, slug);
         let commits = self.repo_commits(&repo);
         let mut includes = Vec::new();

@@ -59,6 +59,15 @@ impl BitbucketClient {
         &self.base
     }
 
+    /// A GET of `url` with the credentials.
+    pub(super) fn authed_get(&self, url: &str) -> RequestBuilder {
+        self.authed(self.http.get(url))
+    }
+
+    pub(super) fn policy(&self) -> &RetryPolicy {
+        &self.policy
+    }
+
     fn authed(&self, req: RequestBuilder) -> RequestBuilder {
         match &self.auth {
             BitbucketAuth::Basic { username, password } => {

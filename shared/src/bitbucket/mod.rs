@@ -6,6 +6,8 @@
 //! - [`client`]: the HTTP client that sends a [`request::StatusRequest`]
 //!   (Basic or Bearer auth, retries); for `BITBUCKET_API=auto` it asks the server once.
 //! - [`pacer`]: one per Bitbucket: the rate, the outage backoff and the priority of live posts.
+//! - [`commits`]: changelog sources: the commits between two commits, the pull requests of a
+//!   commit (Data Center and Cloud).
 
 pub mod repo;
 pub mod request;
@@ -16,6 +18,7 @@ pub use request::{
 };
 
 pub mod client;
+pub mod commits;
 pub mod pacer;
 
 pub use client::BitbucketClient;

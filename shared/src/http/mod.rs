@@ -92,7 +92,8 @@ pub fn router(app: AppState) -> Router {
             Arc::new(app.store.clone()),
             app.buildkite.clone(),
             app.config.deployment_timeout,
-        ),
+        )
+        .with_bitbucket(app.bitbucket.clone()),
         store: app.store.clone(),
         auth: auth.clone(),
     };

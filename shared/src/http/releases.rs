@@ -78,6 +78,7 @@ routes! {
     post "/projects/{project}/releases" => cut,
     get "/projects/{project}/releases" => list_releases,
     get "/projects/{project}/releases/{version}" => get_release,
+    get "/projects/{project}/releases/{version}/changelog" => changelog,
     get "/projects/{project}/environments/{environment}" => get_environment,
     post "/projects/{project}/environments/{environment}/deployments" => deploy,
     patch "/projects/{project}/environments/{environment}/deployments" => set_status,
@@ -395,6 +396,23 @@ async fn get_release(
             candidates,
         },
     ))
+}
+
+async fn changelog(
+    _: Authorized,
+    State(state): State<ReleasesState>,
+    Path((project, version)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Answer<crate::release::changelog::Changelog> {
+    let candidate = q.get("candidate").filter(|c| !c.is_empty());
+    if let Some(c) = candidate {
+        crate::release::request::parse_candidate_field("candidate", c)?;
+    }
+    let c = state
+        .service
+        .changelog(&project, &version, candidate.map(String::as_str))
+        .await?;
+    Ok(Json(StatusCode::OK, c))
 }
 
 /// An environment: its configuration, its state and the deployment under way.

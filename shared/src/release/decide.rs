@@ -512,6 +512,7 @@ mod tests {
             environments: Vec::new(),
             version_scheme: Default::default(),
             env: BTreeMap::from([("REGION".to_string(), "eu".to_string())]),
+            repository: None,
             created_at: t0(),
             updated_at: t0(),
         }

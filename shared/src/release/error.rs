@@ -30,6 +30,9 @@ pub enum ReleaseError {
     /// 502: Buildkite could not be reached, or answered with a server error.
     #[error("Buildkite is unavailable: {0}")]
     BuildkiteUnavailable(String),
+    /// 502: Bitbucket could not be reached, or refused to list what a changelog needs.
+    #[error("Bitbucket is unavailable: {0}")]
+    BitbucketUnavailable(String),
     /// 409 after too many lost compare-and-sets ([`super::service`]'s attempts).
     #[error("too many concurrent changes to the same records; retry")]
     Contention,
@@ -55,7 +58,7 @@ impl ReleaseError {
             ReleaseError::NotFound { .. } => 404,
             ReleaseError::Conflict { .. } | ReleaseError::Contention => 409,
             ReleaseError::BuildkiteRefused(_) => 422,
-            ReleaseError::BuildkiteUnavailable(_) => 502,
+            ReleaseError::BuildkiteUnavailable(_) | ReleaseError::BitbucketUnavailable(_) => 502,
             ReleaseError::Store(StoreError::Unavailable(_)) => 503,
             ReleaseError::Store(_) => 500,
         }
@@ -68,6 +71,7 @@ impl ReleaseError {
             ReleaseError::NotFound { kind, .. } | ReleaseError::Conflict { kind, .. } => kind,
             ReleaseError::BuildkiteRefused(_) => "buildkite_refused",
             ReleaseError::BuildkiteUnavailable(_) => "buildkite_unavailable",
+            ReleaseError::BitbucketUnavailable(_) => "bitbucket_unavailable",
             ReleaseError::Contention => "contention",
             ReleaseError::Store(StoreError::Unavailable(_)) => "store_unavailable",
             ReleaseError::Store(_) => "internal",

@@ -13,12 +13,15 @@
 //! - [`service`]: cut, deploy, roll back, freeze, status updates over the store and Buildkite:
 //!   read, decide, write. [`build`]: getting one record's build, exactly once;
 //!   [`update`]: compare-and-set updates of one candidate or deployment.
+//! - [`changelog`]: what a candidate brings (commits and pull requests since the previous
+//!   release), read from Bitbucket once.
 //! - [`sweep`]: [`sweep_stuck`] for the poll cycle.
 //! - [`tracker`]: the build observer that moves candidates and deployments from build states.
 //!
 //! The HTTP routes are `http::releases`.
 
 pub mod build;
+pub mod changelog;
 pub mod decide;
 pub mod error;
 pub mod model;

@@ -44,6 +44,10 @@ pub struct Project {
     /// Extra variables for the build pipeline's builds.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// `OWNER/slug` on the configured Bitbucket (Data Center project key, or Cloud workspace),
+    /// where changelogs are read from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }

@@ -24,6 +24,9 @@ pub struct ProjectSpec {
     pub version_scheme: VersionScheme,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// `OWNER/slug` on the configured Bitbucket, for changelogs.
+    #[serde(default)]
+    pub repository: Option<String>,
 }
 
 /// `POST /projects/{project}/releases`.
@@ -167,6 +170,15 @@ fn validate_variables(field: &str, vars: &BTreeMap<String, String>) -> Result<()
 }
 
 pub(super) fn validate_spec(spec: &ProjectSpec) -> Result<()> {
+    if let Some(r) = &spec.repository
+        && crate::bitbucket::commits::RepositoryRef::parse(r).is_none()
+    {
+        return Err(ReleaseError::invalid(
+            "repository",
+            "must be OWNER/slug: a Data Center project key (or Cloud workspace) and a repository \
+             slug, of letters, digits, `-`, `_` and `.`",
+        ));
+    }
     if let Some(p) = &spec.build_pipeline {
         validate_pipeline("build_pipeline", p)?;
     }
@@ -221,7 +233,7 @@ pub(super) fn validate_spec(spec: &ProjectSpec) -> Result<()> {
     Ok(())
 }
 
-pub(super) fn parse_candidate_field(field: &str, v: &str) -> Result<(String, u32)> {
+pub fn parse_candidate_field(field: &str, v: &str) -> Result<(String, u32)> {
     version::parse_candidate(v)
         .map(|(r, n)| (r.to_string(), n))
         .ok_or_else(|| {
@@ -271,6 +283,7 @@ mod tests {
                 .collect(),
             version_scheme: VersionScheme::Semver,
             env: BTreeMap::new(),
+            repository: None,
         }
     }
 

@@ -40,6 +40,7 @@ use std::time::Duration;
 use chrono::Utc;
 
 use super::build::{BuildOutcome, request_build};
+use super::changelog::{Changelog, ChangelogCommit, MAX_COMMITS};
 use super::decide::{self, BuildRequest, Intent, Lock, Timing};
 use super::model::{
     BuildLink, Candidate, CandidateState, Deployment, DeploymentStatus, Environment,
@@ -53,6 +54,8 @@ use super::state::{self, NoRollback, PatchDecision};
 use super::sweep::expire_if_stuck;
 use super::update::{ATTEMPTS, empty_env, update_candidate_with, update_deployment_with};
 use super::version;
+use crate::bitbucket::BitbucketClient;
+use crate::bitbucket::commits::RepositoryRef;
 use crate::buildkite::client::BuildkiteClient;
 use crate::store::{
     Cas, IdempotencyStore, Page, ReleaseStore, Versioned, cas_retry, retry_on_conflict,
@@ -95,6 +98,8 @@ pub struct ReleaseService {
     buildkite: Option<BuildkiteClient>,
     deployment_timeout: Duration,
     build_lease: Duration,
+    /// Where changelogs are read from (`None`: no Bitbucket configured).
+    bitbucket: Option<BitbucketClient>,
 }
 
 impl ReleaseService {
@@ -108,7 +113,14 @@ impl ReleaseService {
             buildkite,
             deployment_timeout,
             build_lease: BUILD_CLAIM_LEASE,
+            bitbucket: None,
         }
+    }
+
+    /// The same service reading changelogs from `bitbucket`.
+    pub fn with_bitbucket(mut self, bitbucket: Option<BitbucketClient>) -> Self {
+        self.bitbucket = bitbucket;
+        self
     }
 
     /// The same service with build-request leases of `lease` (attempts cut off at 5/12 of it)
@@ -138,6 +150,7 @@ impl ReleaseService {
                 environments: spec.environments.clone(),
                 version_scheme: spec.version_scheme,
                 env: spec.env.clone(),
+                repository: spec.repository.clone(),
                 created_at: current.as_ref().map_or(now, |c| c.value.created_at),
                 updated_at: now,
             };
@@ -585,6 +598,130 @@ impl ReleaseService {
             items,
             next: page.next,
         })
+    }
+
+    /// What a candidate of release `version` brings (its newest candidate, or `candidate`):
+    /// the commits since the previous release's newest candidate, newest first, with their pull
+    /// requests. Read from Bitbucket the first time and kept; a kept changelog whose pull
+    /// requests Bitbucket was still indexing is completed on a later read.
+    pub async fn changelog(
+        &self,
+        project: &str,
+        version: &str,
+        candidate: Option<&str>,
+    ) -> Result<Changelog> {
+        let p = self.project(project).await?;
+        let (release, candidates) = self.release(project, version).await?;
+        let c = match candidate {
+            Some(v) => candidates.iter().find(|c| c.version == v).ok_or_else(|| {
+                ReleaseError::not_found(
+                    "candidate_not_found",
+                    format!("release `{version}` has no candidate `{v}`"),
+                )
+            })?,
+            None => candidates.last().ok_or_else(|| {
+                ReleaseError::not_found(
+                    "candidate_not_found",
+                    format!("release `{version}` has no candidate"),
+                )
+            })?,
+        };
+        let kept = self.store.changelog(project, &c.version).await?;
+        if let Some(k) = &kept
+            && k.value.is_settled()
+        {
+            return Ok(k.value.clone());
+        }
+        let Some(repository) = p.repository.as_deref() else {
+            return Err(ReleaseError::conflict(
+                "repository_not_configured",
+                format!(
+                    "project `{project}` names no Bitbucket repository; PUT it with \
+                     \"repository\": \"OWNER/slug\" to read changelogs"
+                ),
+            ));
+        };
+        let repo = RepositoryRef::parse(repository)
+            .ok_or_else(|| ReleaseError::unprocessable("repository", "must be OWNER/slug"))?;
+        let Some(bitbucket) = &self.bitbucket else {
+            return Err(ReleaseError::conflict(
+                "bitbucket_not_configured",
+                "kitebridge has no Bitbucket configured (BITBUCKET_URL) to read changelogs from",
+            ));
+        };
+        let unavailable =
+            |e: crate::net::SendError| ReleaseError::BitbucketUnavailable(e.to_string());
+        let mut changelog = match kept {
+            Some(k) => k,
+            None => {
+                // The previous release: the one cut just before this one.
+                let previous = self
+                    .store
+                    .list_releases(project, Some(&format!("RELEASES#{}", release.cut_id)), 1)
+                    .await?
+                    .items
+                    .into_iter()
+                    .next();
+                let since = match previous {
+                    Some(prev) => self
+                        .store
+                        .candidates(project, &prev.version)
+                        .await?
+                        .into_iter()
+                        .last()
+                        .map(|c| (c.value.version, c.value.commit)),
+                    None => None,
+                };
+                let (commits, complete) = bitbucket
+                    .commits_between(
+                        &repo,
+                        since.as_ref().map(|(_, commit)| commit.as_str()),
+                        &c.commit,
+                        None,
+                        MAX_COMMITS,
+                    )
+                    .await
+                    .map_err(unavailable)?;
+                let (since_candidate_version, since_commit) = since.unzip();
+                Versioned {
+                    value: Changelog {
+                        project: project.to_string(),
+                        release_version: release.version.clone(),
+                        candidate_version: c.version.clone(),
+                        commit: c.commit.clone(),
+                        since_candidate_version,
+                        since_commit,
+                        repository: repository.to_string(),
+                        commits: commits
+                            .into_iter()
+                            .map(|commit| ChangelogCommit {
+                                commit,
+                                pull_requests: None,
+                            })
+                            .collect(),
+                        complete,
+                        fetched_at: Utc::now(),
+                    },
+                    rev: 0,
+                }
+            }
+        };
+        let created = changelog.rev == 0;
+        for entry in changelog.value.commits.iter_mut() {
+            if entry.pull_requests.is_none() {
+                entry.pull_requests = bitbucket
+                    .pull_requests_of(&repo, &entry.commit.id)
+                    .await
+                    .map_err(unavailable)?;
+            }
+        }
+        let expected = (!created).then_some(changelog.rev);
+        match self.store.put_changelog(&changelog.value, expected).await {
+            // Another reader kept it first: the same range either way.
+            Ok(_) | Err(crate::store::StoreError::Conflict) => {}
+            Err(e) => return Err(e.into()),
+        }
+        Ok(changelog.value)
     }
 
     /// A release and its candidates (oldest first).

@@ -57,6 +57,10 @@ pub(super) fn release_index_sk(cut_id: &str) -> String {
     format!("{RELEASES_PREFIX}{cut_id}")
 }
 
+pub(super) fn changelog_sk(candidate_version: &str) -> String {
+    format!("CHANGELOG#{candidate_version}")
+}
+
 pub(super) fn candidates_prefix(version: &str) -> String {
     format!("CANDIDATE#{version}#")
 }
