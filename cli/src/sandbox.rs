@@ -18,8 +18,8 @@ use kitebridge::config::{Config, Role};
 use kitebridge::store::{SqliteKv, Store};
 use kitebridge_fakes::{
     BuildState, DEFAULT_BITBUCKET_TOKEN, DEFAULT_BUILDKITE_TOKEN, DEFAULT_ORGANIZATION,
-    FakeBitbucket, FakeBitbucketOptions, FakeBuildkite, FakeBuildkiteOptions, Pipeline,
-    WebhookAuth, WebhookEvent, deliver_webhook,
+    FakeBitbucket, FakeBitbucketOptions, FakeBuildkite, FakeBuildkiteOptions, FakeCommit,
+    FakePullRequest, Pipeline, PullRequestState, WebhookAuth, WebhookEvent, deliver_webhook,
 };
 use serde_json::{Value, json};
 
@@ -79,6 +79,40 @@ pub async fn run(
     // The repository and the pipelines that build it. The clone URL's host is the simulated
     // Bitbucket's, which is how kitebridge knows the builds belong to that Bitbucket.
     bb.add_repository("PROJ", "web");
+    // The story's commits, one after another on main, and the pull request C2 and C3 came
+    // from: what the release's changelog lists.
+    let t0 = chrono::Utc::now() - chrono::Duration::hours(3);
+    bb.add_commits(
+        "PROJ",
+        "web",
+        vec![
+            FakeCommit::new(C1, &[], "Add the checkout page", t0),
+            FakeCommit::new(
+                C2,
+                &[C1],
+                "Retry declined cards",
+                t0 + chrono::Duration::hours(1),
+            ),
+            FakeCommit::new(
+                C3,
+                &[C2],
+                "Show the retry to the customer",
+                t0 + chrono::Duration::hours(2),
+            ),
+        ],
+    );
+    bb.add_pull_request(
+        "PROJ",
+        "web",
+        FakePullRequest {
+            id: 42,
+            title: "Payments: retry declined cards".into(),
+            state: PullRequestState::Merged,
+            from_branch: "feature/retry-cards".into(),
+            to_branch: "main".into(),
+            commits: vec![C2.into(), C3.into()],
+        },
+    );
     let clone_url = format!("ssh://git@{}:7999/proj/web.git", bb.addr().ip());
     for (slug, name) in [
         (PIPELINE, "Web"),
@@ -517,6 +551,7 @@ impl<'a> Story<'a> {
         let project = json!({
             "build_pipeline": {"organization": ORG, "pipeline": RELEASE_PIPELINE},
             "version_scheme": "semver",
+            "repository": "PROJ/web",
             "environments": [
                 {"name": "staging", "deploy_pipeline": {"organization": ORG, "pipeline": DEPLOY_PIPELINE},
                  "env": {"TARGET": "staging"}},
@@ -604,6 +639,31 @@ impl<'a> Story<'a> {
             text(&c["state"]),
             text(&c["build_state"])
         );
+        let path = format!("/projects/{PROJECT}/releases/{version}/changelog");
+        let (code, log) = self.api("GET", &path, None).await?;
+        let commits = log["commits"].as_array().cloned().unwrap_or_default();
+        if code != 200 || commits.len() != 3 {
+            return Err(format!("GET {path} answered {code} {log}"));
+        }
+        println!(
+            "    GET {path} -> {} commits, read from the SIMULATED Bitbucket (the project's first \
+             release, so the commit's whole history):",
+            commits.len()
+        );
+        for c in &commits {
+            let prs: Vec<String> = c["pull_requests"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|p| format!("#{} {}", p["id"], text(&p["title"])))
+                .collect();
+            println!(
+                "      {} {:<32} {}",
+                short(c["id"].as_str().unwrap_or_default()),
+                text(&c["summary"]),
+                prs.join(", ")
+            );
+        }
         Ok((
             format!("release {version}: candidate {candidate} is built"),
             candidate,

@@ -77,6 +77,17 @@ impl World {
         let bk = FakeBuildkite::start(FakeBuildkiteOptions::default()).await;
         let bb = FakeBitbucket::start(FakeBitbucketOptions::default()).await;
         bb.add_repository("PROJ", "web");
+        let t0 = chrono::Utc::now() - chrono::Duration::hours(3);
+        let hour = chrono::Duration::hours(1);
+        bb.add_commits(
+            "PROJ",
+            "web",
+            vec![
+                FakeCommit::new(C1, &[], "Add the checkout page", t0),
+                FakeCommit::new(C2, &[C1], "Retry declined cards", t0 + hour),
+                FakeCommit::new(C3, &[C2], "Show the retry to the customer", t0 + hour * 2),
+            ],
+        );
         let repo = format!("ssh://git@{}:7999/proj/web.git", bb.addr().ip());
         for (slug, name) in [
             ("web", "Web"),
@@ -122,6 +133,7 @@ impl World {
         let project = json!({
             "build_pipeline": {"organization": ORG, "pipeline": RELEASE_PIPELINE},
             "version_scheme": "semver",
+            "repository": "PROJ/web",
             "environments": [
                 {"name": "staging",
                  "deploy_pipeline": {"organization": ORG, "pipeline": DEPLOY_PIPELINE},
@@ -538,6 +550,24 @@ async fn a_release_ships_to_staging_and_production_through_the_dashboard() {
         overflow <= 0,
         "on a phone the project page is {overflow} px wider than the screen"
     );
+
+    // What rc3 brings: the one commit since rc2's release, read from Bitbucket.
+    click_and_load(
+        &b,
+        &format!("#releases tr[data-candidate=\"{rc3}\"] a.changelog-link"),
+    )
+    .await;
+    b.wait_for(&format!("#changelog li[data-commit=\"{C3}\"]"))
+        .await;
+    let listed = b.find_all("#changelog li").await.len();
+    assert_eq!(listed, 1, "rc3 brings C3 alone: {}", b.text().await);
+    assert!(
+        b.text().await.contains("Show the retry"),
+        "{}",
+        b.text().await
+    );
+    b.screenshot("08-changelog").await;
+    b.goto(&w.url(project_path())).await;
 
     // Freeze staging from its page.
     let link = format!("{} a.environment-link", env_section("staging"));

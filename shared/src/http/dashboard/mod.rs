@@ -91,6 +91,7 @@ routes! {
     get "/ui/operator" => operator,
     get "/ui/projects/{project}" => project,
     post "/ui/projects/{project}/cut" => cut,
+    get "/ui/projects/{project}/releases/{version}" => changelog,
     get "/ui/projects/{project}/environments/{environment}" => environment,
     post "/ui/projects/{project}/environments/{environment}/deploy" => deploy,
     get "/ui/projects/{project}/environments/{environment}/rollback" => confirm_rollback,
@@ -570,6 +571,40 @@ async fn project(
         }
         Err(e) => signed.problem(&e),
     }
+}
+
+#[derive(Deserialize)]
+struct CandidateQuery {
+    #[serde(default)]
+    candidate: Option<String>,
+}
+
+/// A release's candidate and what it brings: the commits since the previous release, with
+/// their pull requests.
+async fn changelog(
+    State(state): State<DashboardState>,
+    signed: Signed,
+    Path((project, version)): Path<(String, String)>,
+    Query(q): Query<CandidateQuery>,
+) -> Response {
+    let candidate = q.candidate.as_deref().filter(|c| !c.is_empty());
+    let mut crumbs = project_crumbs(&project);
+    crumbs.push((
+        version.clone(),
+        format!("/ui/projects/{project}/releases/{version}"),
+    ));
+    let read = state.service.changelog(&project, &version, candidate).await;
+    let (release, candidates) = match state.service.release(&project, &version).await {
+        Ok(r) => r,
+        Err(e) => return signed.problem(&e),
+    };
+    let main = pages::changelog(&project, &release, &candidates, candidate, &read);
+    signed.page(
+        &format!("{version} · {project}"),
+        crumbs,
+        || main.clone(),
+        main.clone(),
+    )
 }
 
 async fn environment(

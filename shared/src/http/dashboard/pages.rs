@@ -9,6 +9,8 @@ use maud::{DOCTYPE, Markup, html};
 use serde_json::Value;
 
 use super::session::FlashKind;
+use crate::release::ReleaseError;
+use crate::release::changelog::Changelog;
 use crate::release::model::{Candidate, Deployment, Project, Release};
 use crate::release::service::{EnvironmentOverview, Overview, RefusalView, Waiting};
 
@@ -215,7 +217,9 @@ pub fn project_live(
                         @for (_, candidates) in releases {
                             @for c in candidates.iter().rev() {
                                 tr data-candidate=(c.version) {
-                                    th scope="row" { (c.version) }
+                                    th scope="row" {
+                                        a.changelog-link href=(format!("/ui/projects/{}/releases/{}?candidate={}", overview.project, c.release_version, c.version)) { (c.version) }
+                                    }
                                     td.commit { code title=(c.commit) { (short(&c.commit)) } " " span.muted { (c.branch) } }
                                     td.candidate-state { span class=(format!("badge {}", c.state.as_str())) { (c.state.as_str()) }
                                         @if let Some(m) = &c.error_message { " " small.muted { (m) } } }
@@ -357,6 +361,80 @@ fn waiting(
                     p.refusal id=(reason_id) data-error=(r.error) { (refusal_words(r, environment, freeze_reason)) }
                 },
             }
+        }
+    }
+}
+
+/// A release's page: its candidates, and what the chosen one (the newest by default) brings.
+pub fn changelog(
+    project: &str,
+    release: &Release,
+    candidates: &[Candidate],
+    chosen: Option<&str>,
+    log: &Result<Changelog, ReleaseError>,
+) -> Markup {
+    let chosen = chosen
+        .map(str::to_owned)
+        .or_else(|| candidates.last().map(|c| c.version.clone()))
+        .unwrap_or_default();
+    html! {
+        h1 { "Release " (release.version) " " span.muted { "of " (project) } }
+        p.muted { "Cut from " code title=(release.commit) { (short(&release.commit)) } " on " (release.branch) " at " (when(release.created_at)) }
+        nav aria-label="Candidates" {
+            ul.candidates {
+                @for c in candidates.iter().rev() {
+                    li {
+                        @if c.version == chosen {
+                            strong aria-current="true" { (c.version) }
+                        } @else {
+                            a href=(format!("/ui/projects/{project}/releases/{}?candidate={}", release.version, c.version)) { (c.version) }
+                        }
+                        " " span class=(format!("badge {}", c.state.as_str())) { (c.state.as_str()) }
+                    }
+                }
+            }
+        }
+        h2 #changes-heading { "What " (chosen) " brings" }
+        @match log {
+            Err(e) => p.refusal data-error=(e.kind()) { (e.message()) },
+            Ok(log) => {
+                p.muted {
+                    @let n = log.commits.len();
+                    @let commits = if n == 1 { "commit" } else { "commits" };
+                    @match &log.since_candidate_version {
+                        Some(v) => { (n) " " (commits) " since " (v) }
+                        None => { "The project's first release: " (n) " " (commits) }
+                    }
+                    @if !log.complete { " (the first " (log.commits.len()) " shown)" }
+                    " · " (log.repository)
+                }
+                @if log.commits.is_empty() {
+                    p { "No new commits." }
+                } @else {
+                    ol #changelog.changelog aria-labelledby="changes-heading" {
+                        @for c in &log.commits {
+                            li data-commit=(c.commit.id) {
+                                code title=(c.commit.id) { (short(&c.commit.id)) } " "
+                                span.summary { (c.commit.summary) } " "
+                                span.muted { (c.commit.author) }
+                                @match &c.pull_requests {
+                                    None => { " " span.muted { "(pull requests not known yet)" } },
+                                    Some(prs) => {
+                                        @for pr in prs {
+                                            " "
+                                            @match pr.url.as_deref() {
+                                                Some(u) => a.pull-request href=(u) rel="noreferrer" { "#" (pr.id) " " (pr.title) },
+                                                None => span.pull-request { "#" (pr.id) " " (pr.title) },
+                                            }
+                                            " " span class=(format!("badge {}", pr.state.to_ascii_lowercase())) { (pr.state.to_ascii_lowercase()) }
+                                        }
+                                    },
+                                }
+                            }
+                        }
+                    }
+                }
+            },
         }
     }
 }
