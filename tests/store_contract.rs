@@ -823,6 +823,7 @@ fn project(name: &str) -> Project {
             env: BTreeMap::new(),
         }],
         repository: None,
+        paths: Vec::new(),
         version_scheme: VersionScheme::Semver,
         env: BTreeMap::from([("REGION".to_string(), "eu".to_string())]),
         created_at: Utc::now(),

@@ -344,3 +344,190 @@ async fn a_project_without_a_repository_is_told_how_to_name_one() {
     assert_eq!(code, 400, "{body}");
     assert_eq!(body["field"], "repository");
 }
+
+/// A monorepo's project names its paths as `.gitignore` lines: its changelogs list only the
+/// commits that touched a file they match, read from each commit's changes once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_monorepo_project_lists_only_the_commits_under_its_paths() {
+    let bb = FakeBitbucket::start(FakeBitbucketOptions::default()).await;
+    monorepo(bb, "PROJ", &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_monorepo_project_on_cloud_reads_each_commits_diffstat() {
+    let bb = FakeBitbucket::start(FakeBitbucketOptions {
+        cloud_pr_index_polls: 0,
+        ..FakeBitbucketOptions::with_flavour(BitbucketFlavour::Cloud)
+    })
+    .await;
+    monorepo(bb, "PROJ", &[("BITBUCKET_API", "cloud")]).await;
+}
+
+async fn monorepo(bb: FakeBitbucket, owner: &str, extra: &[(&str, &str)]) {
+    let bk = FakeBuildkite::start(FakeBuildkiteOptions::default()).await;
+    bb.add_repository(owner, "mono");
+    let t0 = Utc.with_ymd_and_hms(2026, 11, 1, 9, 0, 0).unwrap();
+    let touched: [&[&str]; 7] = [
+        &["README.md"],
+        &["services/api/src/main.rs"],
+        &["services/web/src/app.ts"],
+        &["shared/events.proto", "services/web/src/app.ts"],
+        &["services/api/README.md"],
+        &["docs/api.md", "services/api/Cargo.toml"],
+        &["services/web/package.json"],
+    ];
+    let commits = touched
+        .iter()
+        .enumerate()
+        .map(|(i, paths)| {
+            let n = i as u64 + 1;
+            let parent = sha(n - 1);
+            let parents: Vec<&str> = if n == 1 {
+                vec![]
+            } else {
+                vec![parent.as_str()]
+            };
+            FakeCommit::new(
+                &sha(n),
+                &parents,
+                &format!("Change {n}"),
+                t0 + Days::hours(n as i64),
+            )
+            .touching(paths)
+        })
+        .collect();
+    bb.add_commits(owner, "mono", commits);
+    let s = serve(&bk, &bb, extra);
+    let spec = json!({
+        "repository": format!("{owner}/mono"),
+        "paths": ["services/api/", "!services/api/README.md", "*.proto"],
+        "environments": [{"name": "staging"}]
+    });
+    let (code, body) = call(&s, "PUT", "/projects/api", Some(spec)).await;
+    assert_eq!(code, 201, "{body}");
+    assert_eq!(body["paths"][2], "*.proto");
+    for (commit, version) in [(1, "1.0.0"), (7, "1.1.0")] {
+        let (code, body) = call(
+            &s,
+            "POST",
+            "/projects/api/releases",
+            Some(json!({"commit": sha(commit), "branch": "main", "version": version})),
+        )
+        .await;
+        assert_eq!(code, 201, "{body}");
+    }
+    let (code, log) = call(&s, "GET", "/projects/api/releases/1.1.0/changelog", None).await;
+    assert_eq!(code, 200, "{log}");
+    // c2 (api source), c4 (a .proto), c6 (api's Cargo.toml); not c3, c7 (web) nor c5 (the
+    // README taken back out with `!`).
+    assert_eq!(ids(&log), shas(&[6, 4, 2]));
+    assert_eq!(
+        log["commits"][0]["paths"],
+        json!(["docs/api.md", "services/api/Cargo.toml"])
+    );
+    assert_eq!(log["paths"][0], "services/api/");
+
+    // Invalid patterns and lines are refused when the project is written.
+    let (code, body) = call(
+        &s,
+        "PUT",
+        "/projects/api",
+        Some(json!({"repository": "PROJ/mono", "paths": ["a\nb"]})),
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+    assert_eq!(body["field"], "paths[0]");
+}
+
+/// An environment's changelog: what runs there, and what waits to be promoted to it (the
+/// candidate running in the environment it requires, or the newest built one), with the
+/// commits that would bring.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_environment_shows_what_is_waiting_to_be_promoted() {
+    let bk = FakeBuildkite::start(FakeBuildkiteOptions::default()).await;
+    let bb = FakeBitbucket::start(FakeBitbucketOptions::default()).await;
+    bb.add_repository("PROJ", "web");
+    let (commits, prs) = history();
+    bb.add_commits("PROJ", "web", commits);
+    for pr in prs {
+        bb.add_pull_request("PROJ", "web", pr);
+    }
+    let s = serve(&bk, &bb, &[]);
+    let spec = json!({
+        "repository": "PROJ/web",
+        "environments": [{"name": "staging"}, {"name": "production", "requires": "staging"}]
+    });
+    assert_eq!(call(&s, "PUT", "/projects/web", Some(spec)).await.0, 201);
+    let cut = |commit: u64, version: &str| json!({"commit": sha(commit), "branch": "main", "version": version});
+    let succeeded = |env: &str, candidate: &str| {
+        (
+            format!("/projects/web/environments/{env}/deployments"),
+            json!({"release_candidate_version": candidate, "status": "success"}),
+        )
+    };
+    assert_eq!(
+        call(&s, "POST", "/projects/web/releases", Some(cut(2, "1.0.0")))
+            .await
+            .0,
+        201
+    );
+    for env in ["staging", "production"] {
+        let (path, body) = succeeded(env, "1.0.0-rc1");
+        let (code, answer) = call(&s, "PATCH", &path, Some(body)).await;
+        assert!(code == 200 || code == 201, "{answer}");
+    }
+    assert_eq!(
+        call(&s, "POST", "/projects/web/releases", Some(cut(5, "1.1.0")))
+            .await
+            .0,
+        201
+    );
+    let (path, body) = succeeded("staging", "1.1.0-rc1");
+    assert!(call(&s, "PATCH", &path, Some(body)).await.0 < 300);
+
+    let (code, prod) = call(
+        &s,
+        "GET",
+        "/projects/web/environments/production/changelog",
+        None,
+    )
+    .await;
+    assert_eq!(code, 200, "{prod}");
+    assert_eq!(prod["deployed"]["candidate_version"], "1.0.0-rc1");
+    assert_eq!(prod["waiting"]["candidate_version"], "1.1.0-rc1");
+    assert_eq!(prod["waiting_in"], "staging");
+    assert_eq!(ids(&prod), shas(&[5, 4, 3]));
+    assert_eq!(prod["commits"][1]["pull_requests"][0]["id"], 7);
+
+    // Staging runs the newest built candidate: nothing waits.
+    let (code, staging) = call(
+        &s,
+        "GET",
+        "/projects/web/environments/staging/changelog",
+        None,
+    )
+    .await;
+    assert_eq!(code, 200, "{staging}");
+    assert_eq!(staging["deployed"]["candidate_version"], "1.1.0-rc1");
+    assert_eq!(staging["waiting"], Value::Null);
+    assert_eq!(staging["commits"], json!([]));
+
+    // A newer cut waits for staging.
+    assert_eq!(
+        call(&s, "POST", "/projects/web/releases", Some(cut(8, "1.2.0")))
+            .await
+            .0,
+        201
+    );
+    let (code, staging) = call(
+        &s,
+        "GET",
+        "/projects/web/environments/staging/changelog",
+        None,
+    )
+    .await;
+    assert_eq!(code, 200, "{staging}");
+    assert_eq!(staging["waiting"]["candidate_version"], "1.2.0-rc1");
+    assert_eq!(staging["waiting_in"], Value::Null);
+    assert_eq!(ids(&staging), shas(&[8, 7, 6]));
+}

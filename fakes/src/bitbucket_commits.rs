@@ -299,6 +299,66 @@ impl Inner {
                 .is_some_and(|l| l.iter().any(|p| p.commits.iter().any(|c| c == commit)))
     }
 
+    /// `GET .../commits/{c}/changes`: the commit's files, as Data Center pages them.
+    pub(super) fn dc_commit_changes(
+        &self,
+        project: &str,
+        slug: &str,
+        commit: &str,
+        query: &[(String, String)],
+        path: &str,
+    ) -> Response {
+        let repo = self.repo_key(project, slug);
+        let commits = self.repo_commits(&repo);
+        let Some(c) = commits.iter().find(|c| c.id.eq_ignore_ascii_case(commit)) else {
+            return self.no_such_commit(commit, slug);
+        };
+        let values: Vec<Value> = c
+            .paths
+            .iter()
+            .map(|p| {
+                let components: Vec<&str> = p.split('/').collect();
+                json!({
+                    "type": "MODIFY",
+                    "nodeType": "FILE",
+                    "path": {
+                        "components": components,
+                        "name": components.last(),
+                        "toString": p,
+                    },
+                })
+            })
+            .collect();
+        self.dc_page(values, query, &page_key(path, query, &["start", "limit"]))
+    }
+
+    /// `GET /2.0/repositories/{ws}/{slug}/diffstat/{commit}`: the commit's files (one page).
+    pub(super) fn cloud_diffstat(&self, ws: &str, slug: &str, spec: &str) -> Response {
+        let repo = self.repo_key(ws, slug);
+        let commits = self.repo_commits(&repo);
+        let Some(c) = commits.iter().find(|c| c.id.eq_ignore_ascii_case(spec)) else {
+            return cloud_error(
+                StatusCode::NOT_FOUND,
+                &format!("Commit not found: {spec}"),
+                None,
+            );
+        };
+        let values: Vec<Value> = c
+            .paths
+            .iter()
+            .map(|p| {
+                json!({"type": "diffstat", "status": "modified",
+                       "old": {"path": p, "type": "commit_file"},
+                       "new": {"path": p, "type": "commit_file"}})
+            })
+            .collect();
+        (
+            StatusCode::OK,
+            axum::Json(json!({"pagelen": 500, "values": values, "page": 1, "size": c.paths.len()})),
+        )
+            .into_response()
+    }
+
     pub(super) fn dc_commit_prs(
         &self,
         project: &str,

@@ -71,6 +71,19 @@ pub(super) enum ExtraRoute<'a> {
         slug: &'a str,
         commit: &'a str,
     },
+    /// `GET /rest/api/{v}/projects/{p}/repos/{r}/commits/{c}/changes`: the files a commit
+    /// touched.
+    CommitChanges {
+        project: &'a str,
+        slug: &'a str,
+        commit: &'a str,
+    },
+    /// `GET /2.0/repositories/{ws}/{slug}/diffstat/{spec}`: the files a commit touched.
+    CloudDiffstat {
+        ws: &'a str,
+        slug: &'a str,
+        spec: &'a str,
+    },
 }
 
 pub(super) fn route<'a>(flavour: &BitbucketFlavour, segs: &'a [&'a str]) -> Option<ExtraRoute<'a>> {
@@ -130,6 +143,25 @@ pub(super) fn route<'a>(flavour: &BitbucketFlavour, segs: &'a [&'a str]) -> Opti
             slug,
             commit,
         },
+        [
+            "rest",
+            "api",
+            ver,
+            "projects",
+            project,
+            "repos",
+            slug,
+            "commits",
+            commit,
+            "changes",
+        ] if server_like && v(ver) => R::CommitChanges {
+            project,
+            slug,
+            commit,
+        },
+        ["2.0", "repositories", ws, slug, "diffstat", spec] if cloud => {
+            R::CloudDiffstat { ws, slug, spec }
+        }
         [
             "rest",
             "insights",
@@ -383,6 +415,22 @@ impl Inner {
                     );
                 }
                 self.cloud_commits(ws, slug, revision, &all, path)
+            }
+            R::CommitChanges {
+                project,
+                slug,
+                commit,
+            } if *method == Method::GET => {
+                if let Err(r) = self.check_repo(project, slug) {
+                    return r;
+                }
+                self.dc_commit_changes(project, slug, commit, query, path)
+            }
+            R::CloudDiffstat { ws, slug, spec } if *method == Method::GET => {
+                if let Err(r) = self.check_repo(ws, slug) {
+                    return r;
+                }
+                self.cloud_diffstat(ws, slug, spec)
             }
             R::CloudCommitPullRequests { ws, slug, commit } if *method == Method::GET => {
                 if let Err(r) = self.check_repo(ws, slug) {

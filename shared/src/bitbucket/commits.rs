@@ -265,6 +265,76 @@ impl BitbucketClient {
     }
 }
 
+impl BitbucketClient {
+    /// The files `commit` touched (for a project that names paths): Data Center's
+    /// `/commits/{id}/changes`, paged by `nextPageStart`; Cloud's `/diffstat/{id}`, paged by
+    /// `next`. A file renamed counts under both names.
+    pub async fn changed_paths(
+        &self,
+        repo: &RepositoryRef,
+        commit: &str,
+    ) -> Result<Vec<String>, SendError> {
+        let cloud = matches!(self.api().await?, ApiKind::Cloud);
+        let mut out = Vec::new();
+        if cloud {
+            let mut next = Some(join_url(
+                self.base(),
+                &format!(
+                    "/2.0/repositories/{}/{}/diffstat/{}?pagelen=500",
+                    enc(&repo.owner),
+                    enc(&repo.slug),
+                    enc(commit)
+                ),
+            ));
+            while let Some(url) = next.take() {
+                let (_, page) = self.get_json(&url).await?;
+                for v in page["values"].as_array().into_iter().flatten() {
+                    for side in ["new", "old"] {
+                        if let Some(p) = v[side]["path"].as_str()
+                            && !out.iter().any(|o| o == p)
+                        {
+                            out.push(p.to_string());
+                        }
+                    }
+                }
+                next = page["next"]
+                    .as_str()
+                    .map(|n| self.same_origin(n))
+                    .transpose()?;
+            }
+            return Ok(out);
+        }
+        let base = join_url(
+            self.base(),
+            &format!(
+                "/rest/api/latest/projects/{}/repos/{}/commits/{}/changes",
+                enc(&repo.owner),
+                enc(&repo.slug),
+                enc(commit)
+            ),
+        );
+        let mut start = 0u64;
+        loop {
+            let (_, page) = self
+                .get_json(&format!("{base}?limit=1000&start={start}"))
+                .await?;
+            for v in page["values"].as_array().into_iter().flatten() {
+                for side in ["path", "srcPath"] {
+                    if let Some(p) = v[side]["toString"].as_str()
+                        && !out.iter().any(|o| o == p)
+                    {
+                        out.push(p.to_string());
+                    }
+                }
+            }
+            match page["nextPageStart"].as_u64() {
+                Some(n) if page["isLastPage"].as_bool() == Some(false) => start = n,
+                _ => return Ok(out),
+            }
+        }
+    }
+}
+
 fn enc(s: &str) -> String {
     percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
 }

@@ -80,6 +80,7 @@ routes! {
     get "/projects/{project}/releases/{version}" => get_release,
     get "/projects/{project}/releases/{version}/changelog" => changelog,
     get "/projects/{project}/environments/{environment}" => get_environment,
+    get "/projects/{project}/environments/{environment}/changelog" => environment_changelog,
     post "/projects/{project}/environments/{environment}/deployments" => deploy,
     patch "/projects/{project}/environments/{environment}/deployments" => set_status,
     get "/projects/{project}/environments/{environment}/deployments" => list_deployments,
@@ -411,6 +412,18 @@ async fn changelog(
     let c = state
         .service
         .changelog(&project, &version, candidate.map(String::as_str))
+        .await?;
+    Ok(Json(StatusCode::OK, c))
+}
+
+async fn environment_changelog(
+    _: Authorized,
+    State(state): State<ReleasesState>,
+    Path((project, environment)): Path<(String, String)>,
+) -> Answer<crate::release::changelog::EnvironmentChangelog> {
+    let c = state
+        .service
+        .environment_changelog(&project, &environment)
         .await?;
     Ok(Json(StatusCode::OK, c))
 }

@@ -513,6 +513,7 @@ mod tests {
             version_scheme: Default::default(),
             env: BTreeMap::from([("REGION".to_string(), "eu".to_string())]),
             repository: None,
+            paths: Vec::new(),
             created_at: t0(),
             updated_at: t0(),
         }

@@ -48,6 +48,10 @@ pub struct Project {
     /// where changelogs are read from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repository: Option<String>,
+    /// `.gitignore` lines: a changelog lists only the commits touching a file they match
+    /// (a monorepo's project). Empty: every commit.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }

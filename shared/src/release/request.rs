@@ -27,6 +27,9 @@ pub struct ProjectSpec {
     /// `OWNER/slug` on the configured Bitbucket, for changelogs.
     #[serde(default)]
     pub repository: Option<String>,
+    /// `.gitignore` lines selecting the commits a changelog lists.
+    #[serde(default)]
+    pub paths: Vec<String>,
 }
 
 /// `POST /projects/{project}/releases`.
@@ -170,6 +173,22 @@ fn validate_variables(field: &str, vars: &BTreeMap<String, String>) -> Result<()
 }
 
 pub(super) fn validate_spec(spec: &ProjectSpec) -> Result<()> {
+    use super::changelog::{MAX_PATH_LEN, MAX_PATHS, PathFilter};
+    if spec.paths.len() > MAX_PATHS {
+        return Err(ReleaseError::invalid(
+            "paths",
+            format!("at most {MAX_PATHS} patterns"),
+        ));
+    }
+    for (i, p) in spec.paths.iter().enumerate() {
+        if p.trim().is_empty() || p.chars().count() > MAX_PATH_LEN || p.contains(['\n', '\r']) {
+            return Err(ReleaseError::invalid(
+                format!("paths[{i}]"),
+                format!("must be one .gitignore line of 1 to {MAX_PATH_LEN} characters"),
+            ));
+        }
+    }
+    PathFilter::new(&spec.paths).map_err(|m| ReleaseError::unprocessable("paths", m))?;
     if let Some(r) = &spec.repository
         && crate::bitbucket::commits::RepositoryRef::parse(r).is_none()
     {
@@ -284,6 +303,7 @@ mod tests {
             version_scheme: VersionScheme::Semver,
             env: BTreeMap::new(),
             repository: None,
+            paths: Vec::new(),
         }
     }
 

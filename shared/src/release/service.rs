@@ -40,7 +40,10 @@ use std::time::Duration;
 use chrono::Utc;
 
 use super::build::{BuildOutcome, request_build};
-use super::changelog::{Changelog, ChangelogCommit, MAX_COMMITS};
+use super::changelog::{
+    CandidateAt, Changelog, ChangelogCommit, CommitRange, EnvironmentChangelog, MAX_COMMITS,
+    PathFilter,
+};
 use super::decide::{self, BuildRequest, Intent, Lock, Timing};
 use super::model::{
     BuildLink, Candidate, CandidateState, Deployment, DeploymentStatus, Environment,
@@ -151,6 +154,7 @@ impl ReleaseService {
                 version_scheme: spec.version_scheme,
                 env: spec.env.clone(),
                 repository: spec.repository.clone(),
+                paths: spec.paths.clone(),
                 created_at: current.as_ref().map_or(now, |c| c.value.created_at),
                 updated_at: now,
             };
@@ -602,8 +606,7 @@ impl ReleaseService {
 
     /// What a candidate of release `version` brings (its newest candidate, or `candidate`):
     /// the commits since the previous release's newest candidate, newest first, with their pull
-    /// requests. Read from Bitbucket the first time and kept; a kept changelog whose pull
-    /// requests Bitbucket was still indexing is completed on a later read.
+    /// requests, only those touching the project's `paths` when it names any.
     pub async fn changelog(
         &self,
         project: &str,
@@ -626,18 +629,135 @@ impl ReleaseService {
                 )
             })?,
         };
-        let kept = self.store.changelog(project, &c.version).await?;
-        if let Some(k) = &kept
-            && k.value.is_settled()
-        {
-            return Ok(k.value.clone());
+        // The previous release: the one cut just before this one, and its newest candidate.
+        let previous = self
+            .store
+            .list_releases(project, Some(&format!("RELEASES#{}", release.cut_id)), 1)
+            .await?
+            .items
+            .into_iter()
+            .next();
+        let since = match previous {
+            Some(prev) => self
+                .store
+                .candidates(project, &prev.version)
+                .await?
+                .into_iter()
+                .last()
+                .map(|c| (c.value.version, c.value.commit)),
+            None => None,
+        };
+        let (since_candidate_version, since_commit) = since.unzip();
+        let (range, filter) = self
+            .commit_range(&p, since_commit.as_deref(), &c.commit)
+            .await?;
+        Ok(Changelog {
+            project: project.to_string(),
+            release_version: release.version.clone(),
+            candidate_version: c.version.clone(),
+            commit: c.commit.clone(),
+            since_candidate_version,
+            since_commit,
+            repository: range.repository.clone(),
+            paths: p.paths.clone(),
+            commits: select(range.commits, &filter),
+            complete: range.complete,
+            fetched_at: range.fetched_at,
+        })
+    }
+
+    /// What runs in `environment`, and what is waiting to be promoted to it: the candidate
+    /// running in the environment it requires (or, without one, the newest built candidate),
+    /// with the commits that candidate has and the deployed one has not.
+    pub async fn environment_changelog(
+        &self,
+        project: &str,
+        environment: &str,
+    ) -> Result<EnvironmentChangelog> {
+        let p = self.project(project).await?;
+        let env = Self::environment_of(&p, environment)?.clone();
+        let running = |st: Option<EnvironmentState>| st.and_then(|s| s.successes.last().cloned());
+        let deployed = running(
+            self.store
+                .environment(project, environment)
+                .await?
+                .map(|e| e.value),
+        );
+        let deployed = match deployed {
+            Some(v) => Some(self.candidate(project, "candidate", &v).await?),
+            None => None,
+        };
+        let waiting = match &env.requires {
+            Some(r) => match running(self.store.environment(project, r).await?.map(|e| e.value)) {
+                Some(v) => Some(self.candidate(project, "candidate", &v).await?),
+                None => None,
+            },
+            None => self.newest_built(project).await?,
+        };
+        let at = |c: &Candidate| CandidateAt {
+            candidate_version: c.version.clone(),
+            commit: c.commit.clone(),
+        };
+        let waiting = waiting.filter(|w| deployed.as_ref().is_none_or(|d| d.version != w.version));
+        let mut answer = EnvironmentChangelog {
+            project: project.to_string(),
+            environment: env.name.clone(),
+            deployed: deployed.as_ref().map(at),
+            waiting: waiting.as_ref().map(at),
+            waiting_in: waiting.as_ref().and(env.requires.clone()),
+            repository: p.repository.clone().unwrap_or_default(),
+            paths: p.paths.clone(),
+            commits: Vec::new(),
+            complete: true,
+        };
+        if let Some(w) = &waiting {
+            let (range, filter) = self
+                .commit_range(&p, deployed.as_ref().map(|d| d.commit.as_str()), &w.commit)
+                .await?;
+            answer.repository = range.repository.clone();
+            answer.complete = range.complete;
+            answer.commits = select(range.commits, &filter);
+        } else {
+            // Nothing waiting: still say where it would be read from (or that it cannot be).
+            self.changelog_source(&p)?;
         }
+        Ok(answer)
+    }
+
+    /// The newest built candidate of the project, if any (among its newest releases).
+    async fn newest_built(&self, project: &str) -> Result<Option<Candidate>> {
+        let releases = self
+            .store
+            .list_releases(project, None, OVERVIEW_RELEASES)
+            .await?;
+        for r in releases.items {
+            let built = self
+                .store
+                .candidates(project, &r.version)
+                .await?
+                .into_iter()
+                .rev()
+                .map(|c| c.value)
+                .find(|c| c.state == CandidateState::Built);
+            if built.is_some() {
+                return Ok(built);
+            }
+        }
+        Ok(None)
+    }
+
+    /// Where a project's changelogs come from: its repository on the configured Bitbucket.
+    fn changelog_source<'a>(
+        &'a self,
+        p: &'a Project,
+    ) -> Result<(&'a BitbucketClient, RepositoryRef, &'a str)> {
         let Some(repository) = p.repository.as_deref() else {
             return Err(ReleaseError::conflict(
                 "repository_not_configured",
                 format!(
-                    "project `{project}` names no Bitbucket repository; PUT it with \
-                     \"repository\": \"OWNER/slug\" to read changelogs"
+                    "project `{}` names no Bitbucket repository; PUT it with \
+                     \"repository\": \"OWNER/slug\" to read changelogs",
+                    p.name
                 ),
             ));
         };
@@ -649,79 +769,77 @@ impl ReleaseService {
                 "kitebridge has no Bitbucket configured (BITBUCKET_URL) to read changelogs from",
             ));
         };
+        Ok((bitbucket, repo, repository))
+    }
+
+    /// The commits `until` has and `since` has not, from the store when kept and settled, else
+    /// read from Bitbucket (what is missing only) and kept; with the project's path filter.
+    async fn commit_range(
+        &self,
+        p: &Project,
+        since: Option<&str>,
+        until: &str,
+    ) -> Result<(CommitRange, PathFilter)> {
+        let filter =
+            PathFilter::new(&p.paths).map_err(|m| ReleaseError::unprocessable("paths", m))?;
+        let want_paths = !p.paths.is_empty();
+        let kept = self.store.commit_range(&p.name, since, until).await?;
+        if let Some(k) = &kept
+            && k.value.is_settled(want_paths)
+        {
+            return Ok((k.value.clone(), filter));
+        }
+        let (bitbucket, repo, repository) = self.changelog_source(p)?;
         let unavailable =
             |e: crate::net::SendError| ReleaseError::BitbucketUnavailable(e.to_string());
-        let mut changelog = match kept {
-            Some(k) => k,
+        let (mut range, expected) = match kept {
+            Some(k) => (k.value, Some(k.rev)),
             None => {
-                // The previous release: the one cut just before this one.
-                let previous = self
-                    .store
-                    .list_releases(project, Some(&format!("RELEASES#{}", release.cut_id)), 1)
-                    .await?
-                    .items
-                    .into_iter()
-                    .next();
-                let since = match previous {
-                    Some(prev) => self
-                        .store
-                        .candidates(project, &prev.version)
-                        .await?
-                        .into_iter()
-                        .last()
-                        .map(|c| (c.value.version, c.value.commit)),
-                    None => None,
-                };
                 let (commits, complete) = bitbucket
-                    .commits_between(
-                        &repo,
-                        since.as_ref().map(|(_, commit)| commit.as_str()),
-                        &c.commit,
-                        None,
-                        MAX_COMMITS,
-                    )
+                    .commits_between(&repo, since, until, None, MAX_COMMITS)
                     .await
                     .map_err(unavailable)?;
-                let (since_candidate_version, since_commit) = since.unzip();
-                Versioned {
-                    value: Changelog {
-                        project: project.to_string(),
-                        release_version: release.version.clone(),
-                        candidate_version: c.version.clone(),
-                        commit: c.commit.clone(),
-                        since_candidate_version,
-                        since_commit,
-                        repository: repository.to_string(),
-                        commits: commits
-                            .into_iter()
-                            .map(|commit| ChangelogCommit {
-                                commit,
-                                pull_requests: None,
-                            })
-                            .collect(),
-                        complete,
-                        fetched_at: Utc::now(),
-                    },
-                    rev: 0,
-                }
+                let range = CommitRange {
+                    repository: repository.to_string(),
+                    since: since.map(str::to_owned),
+                    until: until.to_string(),
+                    commits: commits
+                        .into_iter()
+                        .map(|commit| ChangelogCommit {
+                            commit,
+                            pull_requests: None,
+                            paths: None,
+                        })
+                        .collect(),
+                    complete,
+                    fetched_at: Utc::now(),
+                };
+                (range, None)
             }
         };
-        let created = changelog.rev == 0;
-        for entry in changelog.value.commits.iter_mut() {
-            if entry.pull_requests.is_none() {
+        for entry in range.commits.iter_mut() {
+            if want_paths && entry.paths.is_none() {
+                entry.paths = Some(
+                    bitbucket
+                        .changed_paths(&repo, &entry.commit.id)
+                        .await
+                        .map_err(unavailable)?,
+                );
+            }
+            // Pull requests only for commits the filter keeps.
+            if entry.pull_requests.is_none() && filter.selects_commit(entry) {
                 entry.pull_requests = bitbucket
                     .pull_requests_of(&repo, &entry.commit.id)
                     .await
                     .map_err(unavailable)?;
             }
         }
-        let expected = (!created).then_some(changelog.rev);
-        match self.store.put_changelog(&changelog.value, expected).await {
+        match self.store.put_commit_range(&p.name, &range, expected).await {
             // Another reader kept it first: the same range either way.
             Ok(_) | Err(crate::store::StoreError::Conflict) => {}
             Err(e) => return Err(e.into()),
         }
-        Ok(changelog.value)
+        Ok((range, filter))
     }
 
     /// A release and its candidates (oldest first).
@@ -1285,6 +1403,14 @@ const OVERVIEW_CANDIDATES: usize = 5;
 pub struct Overview {
     pub project: String,
     pub environments: Vec<EnvironmentOverview>,
+}
+
+/// The commits of a range the project's paths keep.
+fn select(commits: Vec<ChangelogCommit>, filter: &PathFilter) -> Vec<ChangelogCommit> {
+    commits
+        .into_iter()
+        .filter(|c| filter.selects_commit(c))
+        .collect()
 }
 
 /// One environment in an [`Overview`].

@@ -57,8 +57,9 @@ pub(super) fn release_index_sk(cut_id: &str) -> String {
     format!("{RELEASES_PREFIX}{cut_id}")
 }
 
-pub(super) fn changelog_sk(candidate_version: &str) -> String {
-    format!("CHANGELOG#{candidate_version}")
+/// A kept range of commits: `since..until` (`-` for a whole history).
+pub(super) fn range_sk(since: Option<&str>, until: &str) -> String {
+    format!("COMMITS#{}..{until}", since.unwrap_or("-"))
 }
 
 pub(super) fn candidates_prefix(version: &str) -> String {

@@ -6,12 +6,12 @@ use serde::{Deserialize, Serialize};
 use super::encoding::{Page, Versioned, decode, over, put};
 use super::keys::{
     ACTIVE_PK, BUILD_LINK_SK, BUILD_LINK_TTL, PROJECT_SK, PROJECTS_PK, RELEASES_PREFIX, active_sk,
-    build_link_pk, candidate_sk, candidates_prefix, changelog_sk, deployment_sk,
-    deployments_prefix, env_sk, project_pk, release_index_sk, release_sk,
+    build_link_pk, candidate_sk, candidates_prefix, deployment_sk, deployments_prefix, env_sk,
+    project_pk, range_sk, release_index_sk, release_sk,
 };
 use super::kv::{Cond, MAX_BATCH, Order, Write};
 use super::{Result, Store};
-use crate::release::changelog::Changelog;
+use crate::release::changelog::CommitRange;
 use crate::release::model::{BuildLink, Candidate, Deployment, EnvironmentState, Project, Release};
 
 #[async_trait]
@@ -37,17 +37,23 @@ pub trait ReleaseStore: Send + Sync {
     ///
     /// [`StoreError::Conflict`]: super::StoreError::Conflict
     async fn create_release(&self, release: &Release, first: &Candidate) -> Result<()>;
-    /// A candidate's changelog, as last kept.
-    async fn changelog(
+    /// A range of commits as last kept (`since` `None`: the whole history of `until`).
+    async fn commit_range(
         &self,
         project: &str,
-        candidate_version: &str,
-    ) -> Result<Option<Versioned<Changelog>>>;
-    /// Keeps a changelog (`expected`: the rev read, `None` to create);
-    /// [`StoreError::Conflict`] if it changed meanwhile.
+        since: Option<&str>,
+        until: &str,
+    ) -> Result<Option<Versioned<CommitRange>>>;
+    /// Keeps a range (`expected`: the rev read, `None` to create); [`StoreError::Conflict`]
+    /// if it changed meanwhile.
     ///
     /// [`StoreError::Conflict`]: super::StoreError::Conflict
-    async fn put_changelog(&self, changelog: &Changelog, expected: Option<u64>) -> Result<u64>;
+    async fn put_commit_range(
+        &self,
+        project: &str,
+        range: &CommitRange,
+        expected: Option<u64>,
+    ) -> Result<u64>;
     async fn release(&self, project: &str, version: &str) -> Result<Option<Release>>;
     /// Newest first.
     async fn list_releases(
@@ -158,23 +164,29 @@ fn active_index_write(state: &EnvironmentState) -> Result<Write> {
 
 #[async_trait]
 impl ReleaseStore for Store {
-    async fn changelog(
+    async fn commit_range(
         &self,
         project: &str,
-        candidate_version: &str,
-    ) -> Result<Option<Versioned<Changelog>>> {
-        self.get_doc(&project_pk(project), &changelog_sk(candidate_version))
+        since: Option<&str>,
+        until: &str,
+    ) -> Result<Option<Versioned<CommitRange>>> {
+        self.get_doc(&project_pk(project), &range_sk(since, until))
             .await
     }
 
-    async fn put_changelog(&self, changelog: &Changelog, expected: Option<u64>) -> Result<u64> {
+    async fn put_commit_range(
+        &self,
+        project: &str,
+        range: &CommitRange,
+        expected: Option<u64>,
+    ) -> Result<u64> {
         let (rev, cond) = over(expected);
         self.kv
             .write(vec![put(
-                project_pk(&changelog.project),
-                changelog_sk(&changelog.candidate_version),
+                project_pk(project),
+                range_sk(range.since.as_deref(), &range.until),
                 rev,
-                changelog,
+                range,
                 None,
                 cond,
             )?])
