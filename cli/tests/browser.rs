@@ -576,6 +576,19 @@ async fn a_release_ships_to_staging_and_production_through_the_dashboard() {
     b.wait_path(env_path).await;
     let rows = b.find_all("table#deployments tr[data-deployment]").await;
     assert_eq!(rows.len(), 2, "staging's history: {}", b.text().await);
+    // Staging runs rc2; rc3, built, waits to be promoted with the one commit it brings.
+    b.find(&format!("#waiting li[data-commit=\"{C3}\"]")).await;
+    assert_eq!(
+        b.find_all("#waiting li").await.len(),
+        1,
+        "{}",
+        b.text().await
+    );
+    assert!(
+        b.text()
+            .await
+            .contains(&format!("{rc3} and would bring 1 commit over {rc2}"))
+    );
     b.find("form#freeze input[name=csrf]").await;
     fill(
         &b,

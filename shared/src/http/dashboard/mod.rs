@@ -675,6 +675,16 @@ async fn environment(
         rollback,
     };
     let live = pages::environment_live(&view);
+    // What waits to be promoted here: read once per page view (not by the live refresh, so a
+    // slow Bitbucket never holds it up), and only for a project that names its repository.
+    let changes = if signed.live {
+        None
+    } else {
+        match state.service.environment_changelog(&project, &env).await {
+            Err(e) if e.kind() == "repository_not_configured" => None,
+            other => Some(other),
+        }
+    };
     let mut crumbs = project_crumbs(&project);
     crumbs.push((
         cfg.name.clone(),
@@ -683,7 +693,7 @@ async fn environment(
     signed.page(
         &format!("{} · {project}", cfg.name),
         crumbs,
-        || pages::environment(&view, &signed.csrf, live.clone()),
+        || pages::environment(&view, changes.as_ref(), &signed.csrf, live.clone()),
         live.clone(),
     )
 }

@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use super::session::FlashKind;
 use crate::release::ReleaseError;
-use crate::release::changelog::Changelog;
+use crate::release::changelog::{Changelog, ChangelogCommit, EnvironmentChangelog};
 use crate::release::model::{Candidate, Deployment, Project, Release};
 use crate::release::service::{EnvironmentOverview, Overview, RefusalView, Waiting};
 
@@ -411,28 +411,7 @@ pub fn changelog(
                 @if log.commits.is_empty() {
                     p { "No new commits." }
                 } @else {
-                    ol #changelog.changelog aria-labelledby="changes-heading" {
-                        @for c in &log.commits {
-                            li data-commit=(c.commit.id) {
-                                code title=(c.commit.id) { (short(&c.commit.id)) } " "
-                                span.summary { (c.commit.summary) } " "
-                                span.muted { (c.commit.author) }
-                                @match &c.pull_requests {
-                                    None => { " " span.muted { "(pull requests not known yet)" } },
-                                    Some(prs) => {
-                                        @for pr in prs {
-                                            " "
-                                            @match pr.url.as_deref() {
-                                                Some(u) => a.pull-request href=(u) rel="noreferrer" { "#" (pr.id) " " (pr.title) },
-                                                None => span.pull-request { "#" (pr.id) " " (pr.title) },
-                                            }
-                                            " " span class=(format!("badge {}", pr.state.to_ascii_lowercase())) { (pr.state.to_ascii_lowercase()) }
-                                        }
-                                    },
-                                }
-                            }
-                        }
-                    }
+                    div #changelog { (commit_list(&log.commits)) }
                 }
             },
         }
@@ -468,7 +447,12 @@ pub struct EnvironmentPage<'a> {
     pub rollback: RollbackView,
 }
 
-pub fn environment(page: &EnvironmentPage<'_>, csrf: &str, live: Markup) -> Markup {
+pub fn environment(
+    page: &EnvironmentPage<'_>,
+    changes: Option<&Result<EnvironmentChangelog, ReleaseError>>,
+    csrf: &str,
+    live: Markup,
+) -> Markup {
     let base = format!(
         "/ui/projects/{}/environments/{}",
         page.project, page.environment
@@ -493,6 +477,60 @@ pub fn environment(page: &EnvironmentPage<'_>, csrf: &str, live: Markup) -> Mark
             (rollback_action(&base, &page.rollback, csrf))
         }
         div #live data-live="" { (live) }
+        @if let Some(changes) = changes {
+            section #waiting aria-labelledby="waiting-heading" {
+                h2 #waiting-heading { "Waiting to be promoted" }
+                @match changes {
+                    Err(e) => p.refusal data-error=(e.kind()) { (e.message()) },
+                    Ok(c) => {
+                        @match &c.waiting {
+                            None => p.muted { "Nothing: " (page.environment) " runs the newest candidate it can." },
+                            Some(w) => {
+                                p {
+                                    strong { (w.candidate_version) }
+                                    @if let Some(from) = &c.waiting_in { " runs in " (from) }
+                                    " and would bring " (c.commits.len())
+                                    @if c.commits.len() == 1 { " commit" } @else { " commits" }
+                                    @match &c.deployed {
+                                        Some(d) => { " over " (d.candidate_version) }
+                                        None => {}
+                                    }
+                                    ":"
+                                }
+                                (commit_list(&c.commits))
+                            },
+                        }
+                    },
+                }
+            }
+        }
+    }
+}
+
+fn commit_list(commits: &[ChangelogCommit]) -> Markup {
+    html! {
+        ol.changelog {
+            @for c in commits {
+                li data-commit=(c.commit.id) {
+                    code title=(c.commit.id) { (short(&c.commit.id)) } " "
+                    span.summary { (c.commit.summary) } " "
+                    span.muted { (c.commit.author) }
+                    @match &c.pull_requests {
+                        None => { " " span.muted { "(pull requests not known yet)" } },
+                        Some(prs) => {
+                            @for pr in prs {
+                                " "
+                                @match pr.url.as_deref() {
+                                    Some(u) => a.pull-request href=(u) rel="noreferrer" { "#" (pr.id) " " (pr.title) },
+                                    None => span.pull-request { "#" (pr.id) " " (pr.title) },
+                                }
+                                " " span class=(format!("badge {}", pr.state.to_ascii_lowercase())) { (pr.state.to_ascii_lowercase()) }
+                            }
+                        },
+                    }
+                }
+            }
+        }
     }
 }
 
