@@ -339,7 +339,7 @@ impl Inner {
         let Some(c) = commits.iter().find(|c| c.id.eq_ignore_ascii_case(spec)) else {
             return cloud_error(
                 StatusCode::NOT_FOUND,
-                &format!("Commit not found: {spec}"),
+                format!("Commit not found: {spec}"),
                 None,
             );
         };
