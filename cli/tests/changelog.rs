@@ -531,3 +531,50 @@ async fn an_environment_shows_what_is_waiting_to_be_promoted() {
     assert_eq!(staging["waiting_in"], Value::Null);
     assert_eq!(ids(&staging), shas(&[8, 7, 6]));
 }
+
+/// Bitbucket saying a repository or a commit does not exist is the project's configuration
+/// (422 `bitbucket_refused`); Bitbucket down is an outage (502 `bitbucket_unavailable`), and
+/// nothing is kept, so the next read tries again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_bitbucket_refuses_and_bitbucket_down_answer_differently() {
+    let bk = FakeBuildkite::start(FakeBuildkiteOptions::default()).await;
+    let bb = FakeBitbucket::start(FakeBitbucketOptions::default()).await;
+    bb.add_repository("PROJ", "web");
+    let (commits, _) = history();
+    bb.add_commits("PROJ", "web", commits);
+    let s = serve(&bk, &bb, &[("KITEBRIDGE_HTTP_TIMEOUT", "2")]);
+    let spec = json!({"repository": "PROJ/web"});
+    assert_eq!(call(&s, "PUT", "/projects/web", Some(spec)).await.0, 201);
+    for (commit, version) in [(2, "1.0.0"), (3, "1.1.0")] {
+        let (code, _) = call(
+            &s,
+            "POST",
+            "/projects/web/releases",
+            Some(json!({"commit": sha(commit), "branch": "main", "version": version})),
+        )
+        .await;
+        assert_eq!(code, 201);
+    }
+    bb.inject_fault(Fault::Status(503), 1000);
+    let (code, body) = call(&s, "GET", "/projects/web/releases/1.1.0/changelog", None).await;
+    assert_eq!(code, 502, "{body}");
+    assert_eq!(body["error"], "bitbucket_unavailable");
+    bb.clear_faults();
+    let (code, body) = call(&s, "GET", "/projects/web/releases/1.1.0/changelog", None).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["since_candidate_version"], "1.0.0-rc1");
+
+    // A commit the repository does not have.
+    let unknown = format!("{:040x}", 0xdead_u64);
+    let (code, _) = call(
+        &s,
+        "POST",
+        "/projects/web/releases",
+        Some(json!({"commit": unknown, "branch": "main", "version": "2.0.0"})),
+    )
+    .await;
+    assert_eq!(code, 201);
+    let (code, body) = call(&s, "GET", "/projects/web/releases/2.0.0/changelog", None).await;
+    assert_eq!(code, 422, "{body}");
+    assert_eq!(body["error"], "bitbucket_refused");
+}

@@ -30,7 +30,11 @@ pub enum ReleaseError {
     /// 502: Buildkite could not be reached, or answered with a server error.
     #[error("Buildkite is unavailable: {0}")]
     BuildkiteUnavailable(String),
-    /// 502: Bitbucket could not be reached, or refused to list what a changelog needs.
+    /// 422: Bitbucket refused the listing for what it names (no such repository, a commit it
+    /// does not have): the project's configuration, not an outage.
+    #[error("Bitbucket refused the listing: {0}")]
+    BitbucketRefused(String),
+    /// 502: Bitbucket could not be reached, failed, or refused kitebridge's credentials.
     #[error("Bitbucket is unavailable: {0}")]
     BitbucketUnavailable(String),
     /// 409 after too many lost compare-and-sets ([`super::service`]'s attempts).
@@ -39,6 +43,20 @@ pub enum ReleaseError {
     /// 503 (unavailable) or 500.
     #[error("store: {0}")]
     Store(StoreError),
+}
+
+impl ReleaseError {
+    /// A failed Bitbucket read: a 400 or 404 is Bitbucket saying what was named does not exist
+    /// (422); anything else (unreachable, 5xx, 401/403 for kitebridge's credentials, 429) is it
+    /// being unavailable to kitebridge (502).
+    pub fn from_bitbucket(e: SendError) -> ReleaseError {
+        match &e {
+            SendError::Status {
+                status: 400 | 404, ..
+            } => ReleaseError::BitbucketRefused(e.to_string()),
+            _ => ReleaseError::BitbucketUnavailable(e.to_string()),
+        }
+    }
 }
 
 impl From<StoreError> for ReleaseError {
@@ -57,7 +75,7 @@ impl ReleaseError {
             ReleaseError::Unprocessable { .. } => 422,
             ReleaseError::NotFound { .. } => 404,
             ReleaseError::Conflict { .. } | ReleaseError::Contention => 409,
-            ReleaseError::BuildkiteRefused(_) => 422,
+            ReleaseError::BuildkiteRefused(_) | ReleaseError::BitbucketRefused(_) => 422,
             ReleaseError::BuildkiteUnavailable(_) | ReleaseError::BitbucketUnavailable(_) => 502,
             ReleaseError::Store(StoreError::Unavailable(_)) => 503,
             ReleaseError::Store(_) => 500,
@@ -72,6 +90,7 @@ impl ReleaseError {
             ReleaseError::BuildkiteRefused(_) => "buildkite_refused",
             ReleaseError::BuildkiteUnavailable(_) => "buildkite_unavailable",
             ReleaseError::BitbucketUnavailable(_) => "bitbucket_unavailable",
+            ReleaseError::BitbucketRefused(_) => "bitbucket_refused",
             ReleaseError::Contention => "contention",
             ReleaseError::Store(StoreError::Unavailable(_)) => "store_unavailable",
             ReleaseError::Store(_) => "internal",

@@ -790,8 +790,7 @@ impl ReleaseService {
             return Ok((k.value.clone(), filter));
         }
         let (bitbucket, repo, repository) = self.changelog_source(p)?;
-        let unavailable =
-            |e: crate::net::SendError| ReleaseError::BitbucketUnavailable(e.to_string());
+        let unavailable = ReleaseError::from_bitbucket;
         let (mut range, expected) = match kept {
             Some(k) => (k.value, Some(k.rev)),
             None => {
