@@ -460,6 +460,8 @@ struct Store {
     created_via_api: Vec<usize>,
     org_windows: HashMap<String, Window>,
     user_windows: HashMap<String, Window>,
+    /// Annotations per build (org, pipeline, number), oldest first.
+    annotations: HashMap<(String, String, u64), Vec<Value>>,
 }
 
 struct Inner {
@@ -1316,12 +1318,116 @@ async fn route(inner: &Arc<Inner>, req: Request) -> Response {
             slug,
             "builds",
             number,
+            "annotations",
+        ] if method == Method::GET => match inner.authorize(h, Some(org), Some("read_builds")) {
+            Err(r) => r,
+            Ok(g) => with_headers(inner.list_annotations(org, slug, number, &query), g.headers),
+        },
+        [
+            "v2",
+            "organizations",
+            org,
+            "pipelines",
+            slug,
+            "builds",
+            number,
             "retry_failed_jobs",
         ] if method == Method::PUT => match inner.authorize(h, Some(org), Some("write_builds")) {
             Err(r) => r,
             Ok(g) => with_headers(inner.retry_failed_jobs(org, slug, number), g.headers),
         },
         _ => not_found(),
+    }
+}
+
+impl Inner {
+    /// `GET .../builds/{n}/annotations`: newest first, `per_page` (1-100, default 30) with
+    /// `page` and a `Link` header, as Buildkite pages.
+    fn list_annotations(
+        &self,
+        org: &str,
+        slug: &str,
+        number: &str,
+        query: &[(String, String)],
+    ) -> Response {
+        let Ok(n) = number.parse::<u64>() else {
+            return message(StatusCode::NOT_FOUND, "No build found");
+        };
+        let store = lock(&self.store);
+        if !store
+            .by_number
+            .contains_key(&(org.to_owned(), slug.to_owned(), n))
+        {
+            return message(StatusCode::NOT_FOUND, "No build found");
+        }
+        let q = |k: &str| query.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        let per_page = match q("per_page").map(str::parse::<usize>) {
+            None => 30,
+            Some(Ok(p)) if (1..=100).contains(&p) => p,
+            Some(_) => {
+                return message(
+                    StatusCode::BAD_REQUEST,
+                    "per_page must be between 1 and 100",
+                );
+            }
+        };
+        let page = q("page")
+            .and_then(|p| p.parse::<usize>().ok())
+            .unwrap_or(1)
+            .max(1);
+        let mut all: Vec<Value> = store
+            .annotations
+            .get(&(org.to_owned(), slug.to_owned(), n))
+            .cloned()
+            .unwrap_or_default();
+        all.reverse();
+        let items: Vec<Value> = all
+            .iter()
+            .skip((page - 1) * per_page)
+            .take(per_page)
+            .cloned()
+            .collect();
+        let mut resp = axum::Json(Value::Array(items)).into_response();
+        if page * per_page < all.len() {
+            let link = format!(
+                "<{}/v2/organizations/{org}/pipelines/{slug}/builds/{n}/annotations?page={}&per_page={per_page}>; rel=\"next\"",
+                self.base,
+                page + 1
+            );
+            if let Ok(v) = HeaderValue::from_str(&link) {
+                resp.headers_mut().insert(header::LINK, v);
+            }
+        }
+        resp
+    }
+}
+
+impl FakeBuildkite {
+    /// Adds an annotation to a build (as `buildkite-agent annotate` would): `style` is
+    /// `success`, `info`, `warning` or `error`; `body_html` is what Buildkite renders.
+    pub fn add_annotation(
+        &self,
+        org: &str,
+        pipeline: &str,
+        number: u64,
+        style: &str,
+        context: &str,
+        body_html: &str,
+    ) {
+        let mut store = lock(&self.inner.store);
+        let list = store
+            .annotations
+            .entry((org.to_owned(), pipeline.to_owned(), number))
+            .or_default();
+        let now = Utc::now().to_rfc3339();
+        list.push(json!({
+            "id": uuid::Uuid::new_v4().to_string(),
+            "context": context,
+            "style": style,
+            "body_html": body_html,
+            "created_at": now,
+            "updated_at": now,
+        }));
     }
 }
 

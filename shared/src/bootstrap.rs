@@ -149,14 +149,29 @@ pub fn app_state(config: Config, store: Store) -> Result<AppState, Error> {
         store.clone(),
         rules.clone(),
     )?;
-    // Release tracking and trigger rules register here.
-    let observers: Vec<Arc<dyn BuildObserver>> = vec![
+    // Release tracking, trigger rules and Code Insights reports register here.
+    let mut observers: Vec<Arc<dyn BuildObserver>> = vec![
         Arc::new(crate::release::tracker::ReleaseTracker::new(
             Arc::new(store.clone()),
             config.deployment_timeout,
         )),
         Arc::new(firer),
     ];
+    if let Some(b) = bitbucket.as_ref().filter(|_| config.code_insights) {
+        let buildkite = config.buildkite.token.clone().map(|token| {
+            crate::buildkite::client::BuildkiteClient::new(
+                http.clone(),
+                config.buildkite.api_url.clone(),
+                token,
+            )
+        });
+        let mut insights =
+            crate::insights::InsightsReporter::new(Arc::new(store.clone()), b.clone(), buildkite);
+        if let Some(r) = &webhook_reporter {
+            insights = insights.with_pacer(r.pacer().clone());
+        }
+        observers.push(Arc::new(insights));
+    }
     let poller = match (&bitbucket, poll_reporter) {
         (Some(b), Some(reporter)) => Poller::from_config(
             &config,

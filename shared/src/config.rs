@@ -185,6 +185,10 @@ pub struct Config {
     pub server: ServerConfig,
     /// The web dashboard's sign-in.
     pub dashboard: DashboardConfig,
+    /// Code Insights reports of finished builds (`KITEBRIDGE_CODE_INSIGHTS=on`; off by default
+    /// until the server-version probe is paced with the statuses, and skipped where the server
+    /// has none).
+    pub code_insights: bool,
 }
 
 /// The dashboard (`/ui/`): who may sign in, and for how long.
@@ -458,6 +462,7 @@ impl Config {
             api_token,
             api_auth,
             dashboard,
+            code_insights: p.switch("KITEBRIDGE_CODE_INSIGHTS", false),
             post_concurrency: p.number("KITEBRIDGE_POST_CONCURRENCY", 64, 1..=512) as usize,
             http_timeout: Duration::from_secs(p.number("KITEBRIDGE_HTTP_TIMEOUT", 10, 1..=300)),
             deployment_timeout: Duration::from_secs(
@@ -775,6 +780,21 @@ impl<F: Fn(&str) -> Option<String>> Parser<'_, F> {
 
     fn secret_any(&mut self, names: &[&'static str]) -> Option<Secret> {
         self.string_any(names).map(Secret::new)
+    }
+
+    /// `on`/`off` (also `true`/`false`, `1`/`0`); absent: `default`.
+    fn switch(&mut self, name: &'static str, default: bool) -> bool {
+        let Some(raw) = self.string(name) else {
+            return default;
+        };
+        match raw.to_ascii_lowercase().as_str() {
+            "on" | "true" | "1" => true,
+            "off" | "false" | "0" => false,
+            _ => {
+                self.error(name, format!("expected on or off, got `{raw}`"));
+                default
+            }
+        }
     }
 
     fn number(

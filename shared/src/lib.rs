@@ -40,6 +40,7 @@ pub mod cond;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod insights;
 pub mod interpolate;
 pub mod names;
 pub mod net;

@@ -513,7 +513,7 @@ impl Recheck for BuildkiteRecheck {
 }
 
 /// What a failed post tells the pacer.
-fn feedback_for(error: &SendError) -> Feedback {
+pub fn feedback_for(error: &SendError) -> Feedback {
     match error {
         SendError::Status {
             status: 429,

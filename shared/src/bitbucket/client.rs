@@ -22,6 +22,7 @@ pub struct BitbucketClient {
     policy: RetryPolicy,
     configured: BitbucketApi,
     resolved: Arc<OnceCell<ApiKind>>,
+    version: Arc<OnceCell<Option<(u32, u32)>>>,
 }
 
 impl std::fmt::Debug for BitbucketClient {
@@ -43,6 +44,7 @@ impl BitbucketClient {
             policy: RetryPolicy::default(),
             configured: config.api,
             resolved: Arc::new(OnceCell::new()),
+            version: Arc::new(OnceCell::new()),
         })
     }
 
@@ -136,6 +138,52 @@ impl BitbucketClient {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// The server's version from `/rest/api/1.0/application-properties` (major, minor), asked
+    /// once; `None` when it does not say (Cloud, or something else answering).
+    pub async fn server_version(&self) -> Result<Option<(u32, u32)>, SendError> {
+        self.version
+            .get_or_try_init(|| async {
+                let url = join_url(&self.base, "/rest/api/1.0/application-properties");
+                let resp = match net::send(
+                    || self.authed(self.http.get(&url)),
+                    &self.policy,
+                    Idempotence::Idempotent,
+                )
+                .await
+                {
+                    Ok(r) => r,
+                    Err(SendError::Status { status: 404, .. }) => return Ok(None),
+                    Err(e) => return Err(e),
+                };
+                let v: serde_json::Value = resp
+                    .json()
+                    .await
+                    .map_err(|e| SendError::Other(format!("application-properties: {e}")))?;
+                let mut parts = v["version"].as_str().unwrap_or_default().split('.');
+                let major = parts.next().and_then(|p| p.parse().ok());
+                let minor = parts.next().and_then(|p| p.parse().ok());
+                Ok(major.zip(minor))
+            })
+            .await
+            .cloned()
+    }
+
+    /// `PUT` of a JSON body to `path` (relative to the base URL), once.
+    pub async fn put_json(&self, path: &str, body: &serde_json::Value) -> Result<(), SendError> {
+        let url = join_url(&self.base, path);
+        let once = RetryPolicy {
+            attempts: 1,
+            ..self.policy
+        };
+        net::send(
+            || self.authed(self.http.put(&url)).json(body),
+            &once,
+            Idempotence::Idempotent,
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Posts one prepared status request, once: retries and waits belong to the reporter and

@@ -267,6 +267,36 @@ impl BuildkiteClient {
             .map_err(|e| BuildkiteError::Decode(format!("build: {e}")))
     }
 
+    /// A build's annotations (`buildkite-agent annotate`), newest first, following `Link:
+    /// rel="next"` for at most `max_pages` pages of 100.
+    pub async fn annotations(
+        &self,
+        org: &str,
+        pipeline: &str,
+        number: u64,
+        max_pages: usize,
+    ) -> Result<Vec<serde_json::Value>, BuildkiteError> {
+        let mut next = Some(join_url(
+            &self.base,
+            &format!(
+                "/v2/organizations/{}/pipelines/{}/builds/{number}/annotations?per_page={MAX_PER_PAGE}",
+                enc(org),
+                enc(pipeline)
+            ),
+        ));
+        let mut out = Vec::new();
+        let mut pages = 0;
+        while let Some(url) = next.take() {
+            let (items, links, _) = self.page::<serde_json::Value>(&url).await?;
+            out.extend(items);
+            pages += 1;
+            if pages < max_pages {
+                next = links.next;
+            }
+        }
+        Ok(out)
+    }
+
     /// Creates a build: `POST /v2/organizations/{org}/pipelines/{pipeline}/builds`. Not retried
     /// once Buildkite may have acted on it (a retry could create a second build).
     pub async fn create_build<T: DeserializeOwned>(

@@ -56,6 +56,7 @@ mod dynamo;
 mod encoding;
 mod firings;
 mod idempotency;
+mod insights;
 mod keys;
 mod kv;
 mod ledger;
@@ -69,6 +70,7 @@ pub use dynamo::DynamoKv;
 pub use encoding::{Page, Versioned};
 pub use firings::{Firing, FiringClaim, FiringStore};
 pub use idempotency::{IdempotencyBegin, IdempotencyStore, StoredResponse};
+pub use insights::{InsightLedger, PendingInsight, ReportedInsight};
 pub use kv::{Cond, Item, Kv, MAX_BATCH, Order, Write};
 pub use ledger::{
     Begin, BuildSource, OutboxStats, PendingStatus, ReportedStatus, Ring, Standing, StatusLedger,
