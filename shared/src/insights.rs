@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use crate::bitbucket::pacer::{Feedback, Pacer, Priority};
 use crate::bitbucket::repo;
+use crate::bitbucket::request::segment;
 use crate::bitbucket::{ApiKind, BitbucketClient};
 use crate::buildkite::client::BuildkiteClient;
 use crate::buildkite::model::{Build, BuildState, Pipeline};
@@ -353,26 +354,23 @@ impl InsightsReporter {
         commit: &str,
         key: &str,
     ) -> Option<String> {
-        let enc = |s: &str| {
-            percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
-        };
         match flavour {
             Flavour::DataCenter => {
                 let r = repo::parse_server_on(clone_url, self.bitbucket.base())?.ok()?;
                 Some(format!(
                     "/rest/insights/latest/projects/{}/repos/{}/commits/{commit}/reports/{}",
-                    enc(&r.project_key),
-                    enc(&r.slug),
-                    enc(key)
+                    segment(&r.project_key),
+                    segment(&r.slug),
+                    segment(key)
                 ))
             }
             Flavour::Cloud => {
                 let r = repo::parse_cloud(clone_url).ok()?;
                 Some(format!(
                     "/2.0/repositories/{}/{}/commit/{commit}/reports/{}",
-                    enc(&r.workspace),
-                    enc(&r.slug),
-                    enc(key)
+                    segment(&r.workspace),
+                    segment(&r.slug),
+                    segment(key)
                 ))
             }
         }

@@ -12,6 +12,7 @@ use url::Url;
 
 use super::client::BitbucketClient;
 use super::request::ApiKind;
+use super::request::segment;
 use crate::config::join_url;
 use crate::net::{self, Idempotence, SendError};
 
@@ -104,105 +105,104 @@ impl BitbucketClient {
         path: Option<&str>,
         max: usize,
     ) -> Result<CommitRange, SendError> {
-        match self.api().await? {
-            ApiKind::Cloud => self.cloud_commits(repo, since, until, path, max).await,
-            _ => self.dc_commits(repo, since, until, path, max).await,
-        }
-    }
-
-    async fn dc_commits(
-        &self,
-        repo: &RepositoryRef,
-        since: Option<&str>,
-        until: &str,
-        path: Option<&str>,
-        max: usize,
-    ) -> Result<CommitRange, SendError> {
-        let base = join_url(
-            self.base(),
-            &format!(
-                "/rest/api/latest/projects/{}/repos/{}/commits",
-                enc(&repo.owner),
-                enc(&repo.slug)
-            ),
-        );
-        let mut out = Vec::new();
-        let mut start: Option<u64> = None;
-        loop {
-            let mut url = Url::parse(&base).map_err(|e| SendError::Other(e.to_string()))?;
-            {
-                let mut q = url.query_pairs_mut();
-                q.append_pair("until", until);
-                if let Some(s) = since {
-                    q.append_pair("since", s);
-                }
-                if let Some(p) = path {
-                    q.append_pair("path", p);
-                }
-                q.append_pair("limit", &PAGE.min(max.max(1)).to_string());
-                if let Some(s) = start {
-                    q.append_pair("start", &s.to_string());
-                }
-            }
-            let (_, page) = self.get_json(url.as_str()).await?;
-            for v in page["values"].as_array().into_iter().flatten() {
-                if out.len() == max {
-                    return Ok((out, false));
-                }
-                out.push(dc_commit(v));
-            }
-            let last = page["isLastPage"].as_bool().unwrap_or(true);
-            match page["nextPageStart"].as_u64() {
-                Some(next) if !last => start = Some(next),
-                _ => return Ok((out, true)),
-            }
-        }
-    }
-
-    async fn cloud_commits(
-        &self,
-        repo: &RepositoryRef,
-        since: Option<&str>,
-        until: &str,
-        path: Option<&str>,
-        max: usize,
-    ) -> Result<CommitRange, SendError> {
-        let first = join_url(
-            self.base(),
-            &format!(
-                "/2.0/repositories/{}/{}/commits/{}",
-                enc(&repo.owner),
-                enc(&repo.slug),
-                enc(until)
-            ),
-        );
-        let mut url = Url::parse(&first).map_err(|e| SendError::Other(e.to_string()))?;
+        let cloud = self.api().await? == ApiKind::Cloud;
+        let mut url = if cloud {
+            self.repo_url(repo, true, &format!("/commits/{}", segment(until)))?
+        } else {
+            self.repo_url(repo, false, "/commits")?
+        };
         {
             let mut q = url.query_pairs_mut();
-            if let Some(s) = since {
-                q.append_pair("exclude", s);
+            match (cloud, since) {
+                (true, Some(s)) => {
+                    q.append_pair("exclude", s);
+                }
+                (false, s) => {
+                    q.append_pair("until", until);
+                    if let Some(s) = s {
+                        q.append_pair("since", s);
+                    }
+                }
+                (true, None) => {}
             }
             if let Some(p) = path {
                 q.append_pair("path", p);
             }
-            q.append_pair("pagelen", &PAGE.to_string());
         }
-        let mut next = Some(url.to_string());
         let mut out = Vec::new();
+        let complete = self
+            .each_value(cloud, url, PAGE.min(max.max(1)), |v| {
+                if out.len() == max {
+                    return false;
+                }
+                out.push(if cloud { cloud_commit(v) } else { dc_commit(v) });
+                true
+            })
+            .await?;
+        Ok((out, complete))
+    }
+
+    /// `base` + the repository's path (`/rest/api/latest/projects/{p}/repos/{r}` on Data
+    /// Center, `/2.0/repositories/{ws}/{r}` on Cloud) + `rest`.
+    fn repo_url(&self, repo: &RepositoryRef, cloud: bool, rest: &str) -> Result<Url, SendError> {
+        let path = if cloud {
+            format!(
+                "/2.0/repositories/{}/{}{rest}",
+                segment(&repo.owner),
+                segment(&repo.slug)
+            )
+        } else {
+            format!(
+                "/rest/api/latest/projects/{}/repos/{}{rest}",
+                segment(&repo.owner),
+                segment(&repo.slug)
+            )
+        };
+        Url::parse(&join_url(self.base(), &path)).map_err(|e| SendError::Other(e.to_string()))
+    }
+
+    /// Hands every value of a paged listing to `visit` until it returns false; `true` when the
+    /// listing was read to its end. Data Center pages by `start=nextPageStart` (never
+    /// `start + limit`), Cloud by following `next` verbatim, only to the configured host.
+    async fn each_value(
+        &self,
+        cloud: bool,
+        first: Url,
+        per_page: usize,
+        mut visit: impl FnMut(&Value) -> bool,
+    ) -> Result<bool, SendError> {
+        let mut url = first.clone();
+        url.query_pairs_mut().append_pair(
+            if cloud { "pagelen" } else { "limit" },
+            &per_page.to_string(),
+        );
+        let mut next = Some(url.to_string());
         while let Some(url) = next.take() {
             let (_, page) = self.get_json(&url).await?;
             for v in page["values"].as_array().into_iter().flatten() {
-                if out.len() == max {
-                    return Ok((out, false));
+                if !visit(v) {
+                    return Ok(false);
                 }
-                out.push(cloud_commit(v));
             }
-            next = page["next"]
-                .as_str()
-                .map(|n| self.same_origin(n))
-                .transpose()?;
+            next = if cloud {
+                page["next"]
+                    .as_str()
+                    .map(|n| self.same_origin(n))
+                    .transpose()?
+            } else {
+                match page["nextPageStart"].as_u64() {
+                    Some(start) if page["isLastPage"].as_bool() == Some(false) => {
+                        let mut u = first.clone();
+                        u.query_pairs_mut()
+                            .append_pair("limit", &per_page.to_string())
+                            .append_pair("start", &start.to_string());
+                        Some(u.to_string())
+                    }
+                    _ => None,
+                }
+            };
         }
-        Ok((out, true))
+        Ok(true)
     }
 
     /// A `next` link, if it points at the configured Bitbucket (never follow one elsewhere:
@@ -226,23 +226,21 @@ impl BitbucketClient {
         repo: &RepositoryRef,
         commit: &str,
     ) -> Result<Option<Vec<PullRequestRef>>, SendError> {
-        let cloud = matches!(self.api().await?, ApiKind::Cloud);
-        let path = if cloud {
-            format!(
-                "/2.0/repositories/{}/{}/commit/{}/pullrequests?pagelen=50",
-                enc(&repo.owner),
-                enc(&repo.slug),
-                enc(commit)
-            )
+        let cloud = self.api().await? == ApiKind::Cloud;
+        let url = if cloud {
+            self.repo_url(
+                repo,
+                true,
+                &format!("/commit/{}/pullrequests?pagelen=50", segment(commit)),
+            )?
         } else {
-            format!(
-                "/rest/api/latest/projects/{}/repos/{}/commits/{}/pull-requests?limit=50",
-                enc(&repo.owner),
-                enc(&repo.slug),
-                enc(commit)
-            )
+            self.repo_url(
+                repo,
+                false,
+                &format!("/commits/{}/pull-requests?limit=50", segment(commit)),
+            )?
         };
-        let (status, page) = self.get_json(&join_url(self.base(), &path)).await?;
+        let (status, page) = self.get_json(url.as_str()).await?;
         if status == 202 {
             return Ok(None);
         }
@@ -263,80 +261,41 @@ impl BitbucketClient {
             .collect();
         Ok(Some(prs))
     }
-}
 
-impl BitbucketClient {
     /// The files `commit` touched (for a project that names paths): Data Center's
-    /// `/commits/{id}/changes`, paged by `nextPageStart`; Cloud's `/diffstat/{id}`, paged by
-    /// `next`. A file renamed counts under both names.
+    /// `/commits/{id}/changes`, Cloud's `/diffstat/{id}`, every page. A file renamed counts
+    /// under both names.
     pub async fn changed_paths(
         &self,
         repo: &RepositoryRef,
         commit: &str,
     ) -> Result<Vec<String>, SendError> {
-        let cloud = matches!(self.api().await?, ApiKind::Cloud);
-        let mut out = Vec::new();
-        if cloud {
-            let mut next = Some(join_url(
-                self.base(),
-                &format!(
-                    "/2.0/repositories/{}/{}/diffstat/{}?pagelen=500",
-                    enc(&repo.owner),
-                    enc(&repo.slug),
-                    enc(commit)
-                ),
-            ));
-            while let Some(url) = next.take() {
-                let (_, page) = self.get_json(&url).await?;
-                for v in page["values"].as_array().into_iter().flatten() {
-                    for side in ["new", "old"] {
-                        if let Some(p) = v[side]["path"].as_str()
-                            && !out.iter().any(|o| o == p)
-                        {
-                            out.push(p.to_string());
-                        }
-                    }
-                }
-                next = page["next"]
-                    .as_str()
-                    .map(|n| self.same_origin(n))
-                    .transpose()?;
-            }
-            return Ok(out);
-        }
-        let base = join_url(
-            self.base(),
-            &format!(
-                "/rest/api/latest/projects/{}/repos/{}/commits/{}/changes",
-                enc(&repo.owner),
-                enc(&repo.slug),
-                enc(commit)
-            ),
-        );
-        let mut start = 0u64;
-        loop {
-            let (_, page) = self
-                .get_json(&format!("{base}?limit=1000&start={start}"))
-                .await?;
-            for v in page["values"].as_array().into_iter().flatten() {
-                for side in ["path", "srcPath"] {
-                    if let Some(p) = v[side]["toString"].as_str()
-                        && !out.iter().any(|o| o == p)
-                    {
-                        out.push(p.to_string());
-                    }
+        let cloud = self.api().await? == ApiKind::Cloud;
+        let (url, sides, per_page): (_, [&[&str]; 2], _) = if cloud {
+            let url = self.repo_url(repo, true, &format!("/diffstat/{}", segment(commit)))?;
+            (url, [&["new", "path"], &["old", "path"]], 500)
+        } else {
+            let url = self.repo_url(
+                repo,
+                false,
+                &format!("/commits/{}/changes", segment(commit)),
+            )?;
+            (url, [&["path", "toString"], &["srcPath", "toString"]], 1000)
+        };
+        let mut out: Vec<String> = Vec::new();
+        self.each_value(cloud, url, per_page, |v| {
+            for side in sides {
+                if let Some(p) = v[side[0]][side[1]].as_str()
+                    && !out.iter().any(|o| o == p)
+                {
+                    out.push(p.to_string());
                 }
             }
-            match page["nextPageStart"].as_u64() {
-                Some(n) if page["isLastPage"].as_bool() == Some(false) => start = n,
-                _ => return Ok(out),
-            }
-        }
+            true
+        })
+        .await?;
+        Ok(out)
     }
-}
-
-fn enc(s: &str) -> String {
-    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
 
 fn text(v: &Value) -> String {
