@@ -224,17 +224,7 @@ pub fn project_live(
                                     td.candidate-state { span class=(format!("badge {}", c.state.as_str())) { (c.state.as_str()) }
                                         @if let Some(m) = &c.error_message { " " small.muted { (m) } } }
                                     td.build-state { (c.build_state.as_deref().unwrap_or("—")) }
-                                    td {
-                                        @match c.build.as_ref() {
-                                            Some(b) => {
-                                                @match b.web_url.as_deref() {
-                                                    Some(url) => a.build-link href=(url) rel="noreferrer" { "#" (b.number) },
-                                                    None => span { "#" (b.number) },
-                                                }
-                                            },
-                                            None => span.muted { "—" },
-                                        }
-                                    }
+                                    td { (build_link(c.build.as_ref())) }
                                     @for e in columns {
                                         td.where data-environment=(e.name) { (e.cell(&c.version)) }
                                     }
@@ -594,17 +584,7 @@ pub fn environment_live(page: &EnvironmentPage<'_>) -> Markup {
                                 td.status { span class=(format!("badge {}", d.status.as_str())) { (d.status.as_str()) }
                                     @if let Some(m) = &d.error_message { " " small.muted { (m) } } }
                                 td { (d.from_candidate_version.as_deref().unwrap_or("—")) }
-                                td {
-                                    @match d.build.as_ref() {
-                                        Some(b) => {
-                                            @match b.web_url.as_deref() {
-                                                Some(url) => a.build-link href=(url) rel="noreferrer" { "#" (b.number) },
-                                                None => span { "#" (b.number) },
-                                            }
-                                        },
-                                        None => span.muted { "—" },
-                                    }
-                                }
+                                td { (build_link(d.build.as_ref())) }
                                 td { (when(d.created_at)) }
                                 td { @match d.finished_at { Some(t) => (when(t)), None => span.muted { "—" } } }
                             }
@@ -722,6 +702,21 @@ pub fn problem(message: &str) -> Markup {
         h1 { "Something is not right" }
         p #flash.error role="alert" { (message) }
         p { a href="/ui/" { "Back to the projects" } }
+    }
+}
+
+/// A Buildkite build's number, linked to its page when Buildkite gave one.
+fn build_link(build: Option<&crate::release::model::BuildRef>) -> Markup {
+    html! {
+        @match build {
+            Some(b) => {
+                @match b.web_url.as_deref() {
+                    Some(url) => a.build-link href=(url) rel="noreferrer" { "#" (b.number) },
+                    None => span { "#" (b.number) },
+                }
+            },
+            None => span.muted { "—" },
+        }
     }
 }
 
